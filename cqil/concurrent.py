@@ -1,0 +1,91 @@
+"""CQIL in one process: the layers of each group read the same input, their deltas are summed.
+
+    apply_plan(model, Plan.parse("S18-E28-P2-D0"))   # in place; weights are not copied
+    remove_plan(model)                               # the original forward again
+
+This is the *simulation* of the concurrent runtime: the arithmetic of P ranks, run one after another.
+How it plugs into a transformers model without forking its modeling file: the model's own decoder
+loop still calls every layer in order, with that layer's mask, rotary embedding and cache slot. The
+first layer of a group computes the whole group from the shared input; the other layers of the
+group hand their input through untouched. Nothing moves, so the state dict keys, peft's LoRA
+targets and `save_pretrained` are those of the original model, and each layer keeps its own
+`layer_idx`, so the KV cache holds one entry per layer and `generate()` works with the cache.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from .models import decoder_layers
+from .plan import Plan, PlanError
+
+
+def group_forward(members, bypass: int, official: bool, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+    """One group: `hidden + sum_k delta_k(hidden)`; `hidden_states` (B, T, C) is the group's input.
+
+    delta_k = A_k + MLP_k(norm(hidden + A_k + B_k)), A_k the attention output of layer k and
+    B_k the sum of the D previous attention outputs of the group (Sec. 3.3 of the paper; B_k = 0
+    for D = 0). The official code also adds B_k to the residual (`official=True`, see PAPER.md).
+    """
+    attn_outputs = []  # A_0 .. A_{k-1}, each (B, T, C)
+    delta = torch.zeros_like(hidden_states)
+    for layer in members:
+        attn = layer.self_attn(hidden_states=layer.input_layernorm(hidden_states), **kwargs)[0]
+        extra = sum(attn_outputs[-bypass:]) if bypass else 0  # B_k; sum([]) = 0 for the first layer
+        mlp = layer.mlp(layer.post_attention_layernorm(hidden_states + attn + extra))
+        delta = delta + attn + mlp + (extra if official else 0)
+        attn_outputs.append(attn)
+    return hidden_states + delta
+
+
+def pass_through(hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """A grouped layer after the first: its work was done by the group, so the input goes on unchanged."""
+    return hidden_states
+
+
+def _check_layer_types(config, plan: Plan) -> None:
+    """All layers of a group get the first layer's attention mask, so they must share its type."""
+    types = getattr(config, "layer_types", None)
+    for group in plan.groups() if types else ():
+        if len({types[i] for i in group}) > 1:
+            raise PlanError(f"plan {plan}: group {group.start}-{group.stop - 1} mixes attention types "
+                            f"{sorted({types[i] for i in group})}; choose groups within one type")
+
+
+def apply_plan(model, plan: Plan | None):
+    """Make `model` compute `plan` in place (None restores the original); returns the model.
+
+    The plan is stored in `model.config.cqil_plan`, so `save_pretrained` keeps it and
+    `load_model` restores it.
+    """
+    remove_plan(model)
+    if plan is None:
+        return model
+    layers = decoder_layers(model)
+    plan.validate(len(layers))
+    _check_layer_types(model.config, plan)
+    # A group of one layer is that layer: with P=1 every layer keeps its own forward, bit for bit.
+    for group in plan.groups() if plan.size > 1 else ():
+        members = [layers[i] for i in group]
+        # An instance attribute shadows the class's forward; nn.Module.__call__ (hooks) is unchanged.
+        members[0].forward = partial(group_forward, members, plan.bypass, plan.bypass_mode == "official")
+        for layer in members[1:]:
+            layer.forward = pass_through
+    model.config.cqil_plan = str(plan)
+    return model
+
+
+def remove_plan(model):
+    """Give every decoder layer its own forward back; returns the model."""
+    for layer in decoder_layers(model):
+        layer.__dict__.pop("forward", None)
+    model.config.__dict__.pop("cqil_plan", None)
+    return model
+
+
+def stored_plan(config) -> Plan | None:
+    """The plan recorded in a model config by `apply_plan`, if any."""
+    name = getattr(config, "cqil_plan", None)
+    return Plan.parse(name) if name else None

@@ -1,0 +1,54 @@
+"""Tiny random models built in memory (no downloads), and the path to the shared evaluation data."""
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the Hugging Face Hub
+
+import pytest
+import torch
+from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config)
+
+FAMILIES = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def tiny_config(family="llama", layers=8, **overrides):
+    settings = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                    initializer_range=0.2,  # large weights: every layer changes its input a lot
+                    pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    settings.update(overrides)
+    return FAMILIES[family](**settings)
+
+
+def tiny_model(family="llama", dtype=torch.float64, seed=0, **overrides):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides), dtype=dtype)
+    return model.eval()
+
+
+@pytest.fixture(params=list(FAMILIES))
+def family(request):
+    return request.param
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over the tiny models' 96 ids: `w0 .. w91` plus four special tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(92)])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>", unk_token="<unk>", padding_side="left")
+
+
+@pytest.fixture
+def tiny_dir(tmp_path):
+    """A saved tiny llama (float32) with its tokenizer: a local model directory for load_model and the CLI."""
+    model = tiny_model("llama", dtype=torch.float32)
+    model.save_pretrained(tmp_path / "tiny")
+    tiny_tokenizer().save_pretrained(tmp_path / "tiny")
+    return tmp_path / "tiny"
