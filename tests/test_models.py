@@ -1,0 +1,59 @@
+"""Model specs: clear one-line errors before any weight is read; info from the config alone."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_config, tiny_model
+from cqil import Plan, PlanError, load_model
+from cqil.models import ModelError, describe, load_config, resolve
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("no-such-model", "not an embedded model (smollm2-135m), a local model directory, a .gguf file or a Hub id"),
+    ("missing/weights.gguf", "GGUF file not found"),
+    ("./a/b/c", "not an embedded model"),
+])
+def test_bad_specs_fail_with_one_line(spec, message):
+    with pytest.raises(ModelError) as err:
+        resolve(spec)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_directory_without_config(tmp_path):
+    with pytest.raises(ModelError, match="has no config.json"):
+        resolve(str(tmp_path))
+
+
+def test_unreachable_hub_id_is_one_line():
+    with pytest.raises(ModelError) as err:  # HF_HUB_OFFLINE=1 in conftest: the Hub is never asked
+        load_config("no-such-org/no-such-model")
+    assert "cannot load its config" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_unsupported_family_names_the_supported_ones(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))
+    with pytest.raises(ModelError, match="family 'gpt2' is not supported; supported families are llama, mistral, qwen2"):
+        load_model(str(tmp_path))
+
+
+def test_bad_plan_fails_before_weights_are_read(tmp_path):
+    tiny_config("llama").save_pretrained(tmp_path)  # a config and no weights at all
+    with pytest.raises(PlanError, match="E=10 exceeds the model's 8 layers"):
+        load_model(str(tmp_path), plan=Plan.parse("S2-E10-P2-D0"))
+    with pytest.raises(ModelError, match="dtype 'float8': allowed are auto, float32"):
+        load_model(str(tmp_path), dtype="float8")
+
+
+def test_describe_reads_only_the_config(tmp_path):
+    tiny_config("qwen2", cqil_plan="S2-E6-P2-D1").save_pretrained(tmp_path)
+    info = describe(str(tmp_path))
+    assert info["family"] == "qwen2" and info["layers"] == 8 and info["plan"] == "S2-E6-P2-D1"
+    assert info["parameters"] == sum(p.numel() for p in tiny_model("qwen2").parameters())
+
+
+def test_load_model_in_a_chosen_dtype(tiny_dir):
+    model, tokenizer = load_model(str(tiny_dir), dtype="bfloat16")
+    assert model.dtype == torch.bfloat16 and not model.training
+    assert tokenizer.padding_side == "left" and tokenizer.pad_token is not None
