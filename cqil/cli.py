@@ -11,12 +11,19 @@ before any model weight is read.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from .concurrent import apply_plan, remove_plan
+from .data import CorpusError
 from .models import DTYPES, ModelError, describe, load_model
 from .plan import Plan, PlanError
+
+
+class InputError(ValueError):
+    """Bad command-line input; the message is one line."""
 
 
 def _plan(name: str | None) -> Plan | None:
@@ -25,8 +32,36 @@ def _plan(name: str | None) -> Plan | None:
 
 def _text(path: str) -> str:
     if not Path(path).is_file():
-        raise ModelError(f"--text {path!r}: file not found")
+        raise InputError(f"--text {path!r}: file not found")
     return Path(path).read_text(encoding="utf-8")
+
+
+def _settings(cls, text: str):
+    """A stage's settings dataclass from a JSON object (the rule passes its config section)."""
+    try:
+        return cls(**json.loads(text or "{}"))
+    except json.JSONDecodeError as err:
+        raise InputError(f"--settings: not valid JSON ({err})") from None
+    except TypeError as err:
+        raise InputError(f"--settings: {err} (allowed: {', '.join(cls.__dataclass_fields__)})") from None
+
+
+def _blocks(path: str, split: str):
+    """One split of a corpus file written by `cqil corpus`."""
+    import torch
+
+    from .data import SPLITS
+
+    if split not in SPLITS:
+        raise InputError(f"--split {split!r}: allowed are {', '.join(SPLITS)}")
+    if not Path(path).is_file():
+        raise InputError(f"--corpus {path!r}: file not found (run `cqil corpus` first)")
+    return torch.load(path)[split]
+
+
+def _record(args) -> dict:
+    """The command's own arguments: the settings part of every artifact's provenance."""
+    return {k: v for k, v in vars(args).items() if k != "func"}
 
 
 def cmd_info(args) -> None:
@@ -65,8 +100,143 @@ def cmd_generate(args) -> None:
     remove_plan(model)
 
 
+def cmd_prepare(args) -> None:
+    """Make a model available offline and check its layer count against the config."""
+    from .io import provenance, write_json
+
+    info = describe(args.model)  # the embedded model is downloaded and converted here, once
+    if args.layers is not None and info["layers"] != args.layers:
+        raise InputError(f"--layers {args.layers}: model {args.model!r} has {info['layers']} layers")
+    write_json(args.out, info | {"provenance": provenance(_record(args))})
+
+
+def cmd_corpus(args) -> None:
+    """Build disjoint, deterministic token blocks (calibration, search, finetune, test)."""
+    import torch
+
+    from .data import CorpusSettings, build_corpus
+    from .io import atomic, provenance, write_json
+
+    settings = _settings(CorpusSettings, args.settings)
+    blocks, summary = build_corpus(args.model, settings)
+    with atomic(args.out) as tmp:
+        torch.save(blocks, tmp)
+    write_json(args.summary, summary | {"provenance": provenance(_record(args) | {"settings": asdict(settings)})})
+
+
+def cmd_similarity(args) -> None:
+    """Mean cosine similarity between the inputs of every pair of layers (CSV, long format)."""
+    import pandas as pd
+
+    from .analysis import similarity
+    from .io import provenance, write_csv, write_json
+
+    blocks = _blocks(args.corpus, args.split)
+    model, _ = load_model(args.model, dtype=args.dtype)
+    matrix = similarity(model, blocks, batch_size=args.batch_size)
+    size = len(matrix)
+    write_csv(args.out, pd.DataFrame({"layer_i": [i for i in range(size) for _ in range(size)],
+                                      "layer_j": list(range(size)) * size, "cosine": matrix.ravel()}))
+    adjacent = [float(matrix[i, i + 1]) for i in range(size - 1)]
+    write_json(Path(args.out).with_suffix(".json"), {"adjacent": adjacent, "blocks": len(blocks),
+                                                       "provenance": provenance(_record(args))})
+
+
+def cmd_sensitivity(args) -> None:
+    """Perplexity and KL when layer i computes from the input of layer i-k (CSV)."""
+    import pandas as pd
+
+    from .analysis import sensitivity
+    from .io import provenance, write_csv, write_json
+
+    blocks = _blocks(args.corpus, args.split)
+    model, _ = load_model(args.model, dtype=args.dtype)
+    write_csv(args.out, pd.DataFrame(sensitivity(model, blocks, args.distances, batch_size=args.batch_size)))
+    write_json(Path(args.out).with_suffix(".json"), {"blocks": len(blocks), "provenance": provenance(_record(args))})
+
+
+def cmd_search(args) -> None:
+    """Score a grid of plans against the original on held-out blocks (CSV, one row per plan)."""
+    import time
+
+    import pandas as pd
+
+    from .io import provenance, write_csv, write_json
+    from .models import load_config
+    from .search import SearchSettings, score_plans
+
+    settings = _settings(SearchSettings, args.settings)
+    plans = settings.plans(load_config(args.model).num_hidden_layers)
+    blocks = _blocks(args.corpus, args.split)
+    model, _ = load_model(args.model, dtype=args.dtype)
+    start = time.perf_counter()
+    rows = score_plans(model, blocks, plans, batch_size=settings.batch_size)
+    seconds = time.perf_counter() - start
+    write_csv(args.out, pd.DataFrame(rows))
+    write_json(Path(args.out).with_suffix(".json"), {
+        "plans": len(plans), "blocks": len(blocks), "seconds": seconds, "plans_per_minute": 60 * len(plans) / seconds,
+        "provenance": provenance(_record(args) | {"settings": asdict(settings)})})
+
+
+def cmd_select(args) -> None:
+    """Pick the plans to carry forward from a search CSV, by the rule in the settings."""
+    import pandas as pd
+
+    from .io import provenance, write_json
+    from .search import SelectSettings, select
+
+    settings = _settings(SelectSettings, args.settings)
+    rows = pd.read_csv(args.search).to_dict("records")
+    chosen = select(rows, settings)
+    if not chosen:
+        raise InputError(f"select: no plan of {args.search} passes the rule {asdict(settings)}")
+    write_json(args.out, {"plans": chosen, "rule": asdict(settings),
+                          "provenance": provenance(_record(args) | {"settings": asdict(settings)})})
+
+
+def cmd_score(args) -> None:
+    """Perplexity, KL to the original and top-1 agreement of one plan on one split (JSON)."""
+    from .io import provenance, write_json
+    from .search import score_plans
+
+    plan = _plan(args.plan)
+    blocks = _blocks(args.corpus, args.split)
+    model, _ = load_model(args.model, dtype=args.dtype)
+    original, row = score_plans(model, blocks, [plan], batch_size=args.batch_size, progress=False)
+    write_json(args.out, {"split": args.split, "plan": row, "original": original,
+                          "provenance": provenance(_record(args), plan)})
+
+
+def cmd_collect(args) -> None:
+    """Collect `cqil score` JSON files into one CSV: the original, then each plan."""
+    import pandas as pd
+
+    from .io import write_csv
+
+    records = [json.loads(Path(path).read_text()) for path in args.scores]
+    rows = [records[0]["original"]] + [r["plan"] for r in records]
+    write_csv(args.out, pd.DataFrame(rows))
+
+
+def cmd_figures(args) -> None:
+    """Similarity, sensitivity and search-frontier figures (PNG + PDF) from the stage CSVs."""
+    import pandas as pd
+
+    from . import report
+
+    out, name = Path(args.out_dir), args.title
+    report.similarity_heatmap(pd.read_csv(args.similarity), f"{name}: layer-input similarity", out / "similarity_heatmap")
+    report.similarity_curve(pd.read_csv(args.similarity), f"{name}: adjacent layers", out / "similarity_adjacent")
+    report.sensitivity_figure(pd.read_csv(args.sensitivity), f"{name}: sensitivity to an earlier input",
+                              out / "sensitivity")
+    selected = json.loads(Path(args.selected).read_text())
+    report.frontier_figure(pd.read_csv(args.search), selected["plans"], f"{name}: plan search",
+                           out / "frontier", metric=selected["rule"]["metric"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cqil", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(func, name):
@@ -74,10 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    def model_args(p):
+    def model_args(p, plan=True):
         p.add_argument("--model", default="smollm2-135m",
                        help="embedded name, local HF directory, .gguf file or Hub id (default: %(default)s)")
-        p.add_argument("--plan", help="CQIL plan, e.g. S18-E28-P2-D0 (0-indexed, end exclusive)")
+        if plan:
+            p.add_argument("--plan", help="CQIL plan, e.g. S18-E28-P2-D0 (0-indexed, end exclusive)")
         p.add_argument("--dtype", default="auto", choices=list(DTYPES))
 
     command(cmd_info, "info").add_argument("model", help="embedded name, local HF directory, .gguf file or Hub id")
@@ -89,14 +260,54 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(p)
     p.add_argument("prompt")
     p.add_argument("--max-new-tokens", type=int, default=30)
+
+    # Pipeline stages (the Snakemake rules call these)
+    p = command(cmd_prepare, "prepare")
+    p.add_argument("--model", required=True)
+    p.add_argument("--layers", type=int, help="expected number of decoder layers (from the config)")
+    p.add_argument("--out", required=True, help="model info JSON")
+    p = command(cmd_corpus, "corpus")
+    p.add_argument("--model", required=True)
+    p.add_argument("--settings", default="{}", help="JSON object of CorpusSettings fields (config: corpus)")
+    p.add_argument("--out", required=True, help="blocks of every split (torch file)")
+    p.add_argument("--summary", required=True, help="summary JSON")
+    for func, name in [(cmd_similarity, "similarity"), (cmd_sensitivity, "sensitivity"), (cmd_search, "search"),
+                       (cmd_score, "score")]:
+        p = command(func, name)
+        model_args(p, plan=name == "score")
+        p.add_argument("--corpus", required=True, help="corpus file written by `cqil corpus`")
+        p.add_argument("--split", default="test" if name == "score" else "search" if name == "search" else "calibration")
+        p.add_argument("--out", required=True)
+        if name != "search":
+            p.add_argument("--batch-size", type=int, default=4)
+        else:
+            p.add_argument("--settings", default="{}", help="JSON object of SearchSettings fields (config: search)")
+        if name == "sensitivity":
+            p.add_argument("--distances", type=int, nargs="+", default=[1, 2])
+    p = command(cmd_select, "select")
+    p.add_argument("--search", required=True, help="search CSV")
+    p.add_argument("--settings", default="{}", help="JSON object of SelectSettings fields (config: select)")
+    p.add_argument("--out", required=True)
+    p = command(cmd_collect, "collect")
+    p.add_argument("scores", nargs="+", help="JSON files written by `cqil score`")
+    p.add_argument("--out", required=True)
+    p = command(cmd_figures, "figures")
+    for name in ("similarity", "sensitivity", "search", "selected"):
+        p.add_argument(f"--{name}", required=True)
+    p.add_argument("--title", default="")
+    p.add_argument("--out-dir", required=True)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         args.func(args)
-    except (PlanError, ModelError) as err:
+    except (PlanError, ModelError, CorpusError, InputError) as err:
         print(f"cqil: error: {err}", file=sys.stderr)
         sys.exit(2)
 

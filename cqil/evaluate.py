@@ -28,12 +28,41 @@ def perplexity(model, token_ids: torch.Tensor, block_size: int = 512, progress: 
     with stride = block size.
     """
     device = next(model.parameters()).device
-    nll, count = 0.0, 0
+    total = {}
     for block in tqdm(blocks(token_ids, block_size), desc="perplexity", unit="block", disable=not progress):
         ids = block[None].to(device)  # (1, T)
-        logits = model(input_ids=ids).logits[0, :-1].float()  # (T-1, V): position t predicts t+1
-        nll += F.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
-        count += len(block) - 1
-    if count == 0:
+        total = add_sums(total, token_sums(log_probs(model(input_ids=ids).logits), ids))
+    if not total:
         raise ValueError("perplexity: the text has fewer than 2 tokens")
-    return {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens": count}
+    return summarize(total)
+
+
+def log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """Next-token log-probabilities, float32: (B, T, V) logits -> (B, T-1, V); row t predicts token t+1."""
+    return F.log_softmax(logits[:, :-1].float(), dim=-1)
+
+
+def token_sums(logp: torch.Tensor, input_ids: torch.Tensor, reference: torch.Tensor | None = None) -> dict:
+    """Sums over the predicted positions of a batch: NLL of the next token and, against the original
+    model's log-probabilities `reference`, KL(original || model) and top-1 agreement.
+
+    logp, reference: (B, T-1, V) from `log_probs`; input_ids: (B, T).
+    """
+    sums = {"nll": -logp.gather(-1, input_ids[:, 1:, None]).sum().item(), "tokens": logp.shape[0] * logp.shape[1]}
+    if reference is not None:
+        sums["kl"] = F.kl_div(logp, reference, log_target=True, reduction="sum").item()  # sum p_ref (log p_ref - log p)
+        sums["top1"] = (logp.argmax(-1) == reference.argmax(-1)).sum().item()
+    return sums
+
+
+def add_sums(total: dict, sums: dict) -> dict:
+    return {key: total.get(key, 0) + value for key, value in sums.items()}
+
+
+def summarize(sums: dict) -> dict:
+    """Perplexity, mean KL(original || model) in nats per token, and top-1 agreement with the original."""
+    n = sums["tokens"]
+    out = {"perplexity": math.exp(sums["nll"] / n), "nll": sums["nll"] / n, "tokens": n}
+    if "kl" in sums:
+        out |= {"kl": sums["kl"] / n, "top1": sums["top1"] / n}
+    return out

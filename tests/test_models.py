@@ -57,3 +57,25 @@ def test_load_model_in_a_chosen_dtype(tiny_dir):
     model, tokenizer = load_model(str(tiny_dir), dtype="bfloat16")
     assert model.dtype == torch.bfloat16 and not model.training
     assert tokenizer.padding_side == "left" and tokenizer.pad_token is not None
+
+
+@pytest.mark.parametrize("plan", [None, "S2-E6-P2-D1"])
+@pytest.mark.parametrize("sliding", [False, True])
+def test_layer_by_layer_equals_the_model(family, plan, sliding):
+    from cqil import apply_plan
+    from cqil.models import decoder_inputs, lm_logits, run_layers
+
+    window = dict(sliding_window=3, use_sliding_window=True, max_window_layers=2) if sliding else {}
+    if sliding and family == "llama":
+        pytest.skip("llama has no sliding window")
+    model = tiny_model(family, dtype=torch.float32, **window)
+    apply_plan(model, Plan.parse(plan) if plan else None)
+    ids = torch.randint(3, 96, (2, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+        hidden, kwargs = decoder_inputs(model, ids, mask)
+        half = run_layers(model, hidden, kwargs, range(0, 2))  # restart from the input of layer 2
+        logits = lm_logits(model, run_layers(model, half, kwargs, range(2, 8)))
+    assert torch.equal(logits, expected)

@@ -1,0 +1,70 @@
+"""Why CQIL works, measured: layer-input similarity and the sensitivity of each layer to an earlier input.
+
+    similarity(model, blocks)             # (L, L) mean cosine between the inputs of layers i and j
+    sensitivity(model, blocks, (1, 2))    # rows: layer i run on the input of layer i-k
+
+Both run the original model layer by layer on corpus blocks (no padding inside blocks).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .evaluate import add_sums, log_probs, summarize, token_sums
+from .models import decoder_inputs, decoder_layers, lm_logits, run_layers
+
+
+def layer_inputs(model, input_ids: torch.Tensor):
+    """The input of every decoder layer (L tensors (B, T, C)), the last layer's output, and the layer kwargs."""
+    hidden, kwargs = decoder_inputs(model, input_ids)
+    inputs = []
+    for i in range(len(decoder_layers(model))):
+        inputs.append(hidden)
+        hidden = run_layers(model, hidden, kwargs, range(i, i + 1))
+    return inputs, hidden, kwargs
+
+
+@torch.inference_mode()
+def similarity(model, blocks: torch.Tensor, batch_size: int = 4) -> np.ndarray:
+    """Mean over tokens of cos(h_i, h_j), h_i the input of layer i: an (L, L) float64 matrix.
+
+    Cosines are taken per token and then averaged, so no token dominates by its norm; the first
+    token of each block is left out (its attention-sink state is an outlier in every layer).
+    """
+    gram, count = 0.0, 0
+    for batch in tqdm(blocks.split(batch_size), desc="similarity", unit="batch"):
+        inputs, _, _ = layer_inputs(model, batch)
+        states = torch.stack([h[:, 1:].reshape(-1, h.shape[-1]) for h in inputs]).double()  # (L, N, C)
+        states = F.normalize(states, dim=-1)
+        gram = gram + torch.einsum("ind,jnd->ij", states, states)
+        count += states.shape[1]
+    return (gram / count).numpy()
+
+
+@torch.inference_mode()
+def sensitivity(model, blocks: torch.Tensor, distances=(1, 2), batch_size: int = 2) -> list[dict]:
+    """For each layer i and k in `distances`: layer i computes its delta from the input of layer i-k,
+    the rest of the model is unchanged. This is what CQIL asks of a layer grouped with the k layers
+    before it; k=1 is a group of the pair (i-1, i) alone.
+
+    h_{i+1} = h_i + (layer_i(h_{i-k}) - h_{i-k})  instead of  layer_i(h_i)
+
+    Returns one row per (layer, k) with perplexity, KL to the original and top-1 agreement, plus
+    the original's row (layer -1).
+    """
+    num_layers = len(decoder_layers(model))
+    variants = [(i, k) for k in distances for i in range(k, num_layers)]
+    totals = {v: {} for v in [(-1, 0)] + variants}
+    for batch in tqdm(blocks.split(batch_size), desc="sensitivity", unit="batch"):
+        inputs, output, kwargs = layer_inputs(model, batch)
+        reference = log_probs(lm_logits(model, output))  # once per batch, shared by every variant
+        totals[(-1, 0)] = add_sums(totals[(-1, 0)], token_sums(reference, batch, reference))
+        for i, k in variants:
+            early = inputs[i - k]
+            hidden = inputs[i] + run_layers(model, early, kwargs, range(i, i + 1)) - early
+            hidden = run_layers(model, hidden, kwargs, range(i + 1, num_layers))
+            totals[(i, k)] = add_sums(totals[(i, k)], token_sums(log_probs(lm_logits(model, hidden)), batch, reference))
+    return [{"layer": i, "distance": k, **summarize(sums)} for (i, k), sums in totals.items()]

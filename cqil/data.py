@@ -1,0 +1,159 @@
+"""Token blocks for calibration, search, fine-tuning and test: disjoint and deterministic.
+
+    corpus = build_corpus("smollm2-135m", CorpusSettings(source="generate"))
+    corpus["search"]   # LongTensor (blocks, block_size)
+
+Sources of text:
+- `generate` (the offline default): documents written by the model itself, sampled with a fixed seed
+  from varied prompts (a writing style x a topic). CQIL's fine-tuning is distillation from the
+  original model, so the model's own text is a fair calibration and KD corpus.
+- `files`: local text files (one document per non-empty line: WikiText-2's layout) or JSONL files
+  (one document per line, in `text_field`).
+- `hub`: a Hugging Face dataset, streamed (needs network; the paper config).
+
+Documents are packed in order into the splits (calibration, search, finetune, test): each split takes
+whole documents until it has its blocks, so no document is shared by two splits.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+SPLITS = ("calibration", "search", "finetune", "test")
+SOURCES = ("generate", "files", "hub")
+
+STYLES = [
+    "Write a short encyclopedia article about {}.",
+    "Explain {} to a curious high-school student.",
+    "Write a news report about {}.",
+    "Tell a short story in which {} plays a part.",
+    "Write a blog post with practical advice about {}.",
+    "Describe the history of {} in a few paragraphs.",
+]
+TOPICS = [
+    "bridges", "honey bees", "the printing press", "volcanoes", "chess openings", "the water cycle",
+    "medieval castles", "solar panels", "the human heart", "jazz music", "coral reefs", "railways",
+    "vaccines", "the Roman Empire", "black holes", "bread baking", "glaciers", "the stock market",
+    "octopuses", "the internet", "ancient Egypt", "wind turbines", "photosynthesis", "lighthouses",
+    "the Olympic Games", "deserts", "clocks and timekeeping", "rainforests", "the moon landing",
+    "coffee", "earthquakes", "libraries", "electric cars", "migratory birds", "the periodic table",
+    "tea ceremonies", "submarines", "mountaineering", "recycling", "the violin",
+]
+
+
+class CorpusError(ValueError):
+    """A corpus that cannot be built as asked; the message is one line."""
+
+
+@dataclass
+class CorpusSettings:
+    source: str = "generate"  # generate | files | hub
+    block_size: int = 256  # tokens per block
+    blocks: dict = field(default_factory=lambda: {"calibration": 8, "search": 8, "finetune": 64, "test": 8})
+    seed: int = 0  # sampling seed (generate) and nothing else: files and hub are read in order
+    files: list = field(default_factory=list)  # source=files: text or JSONL paths
+    text_field: str = "text"  # JSONL / hub field that holds a document's text
+    hub_path: str | None = None  # source=hub: dataset id, e.g. "allenai/c4"
+    hub_name: str | None = None  # source=hub: dataset config, e.g. "en"
+    hub_split: str = "train"
+    max_new_tokens: int = 256  # source=generate: tokens per generated document
+    temperature: float = 0.8
+    top_p: float = 0.95
+    batch_size: int = 16  # source=generate: documents generated at once
+
+    def __post_init__(self):
+        if self.source not in SOURCES:
+            raise CorpusError(f"corpus source={self.source!r}: allowed are {', '.join(SOURCES)}")
+        if set(self.blocks) != set(SPLITS):
+            raise CorpusError(f"corpus blocks: need exactly the splits {', '.join(SPLITS)}, got {', '.join(self.blocks)}")
+        if self.source == "files" and not self.files:
+            raise CorpusError("corpus files: source=files needs at least one file")
+        for path in self.files:
+            if not Path(path).is_file():
+                raise CorpusError(f"corpus files: {path!r} not found")
+        if self.source == "hub" and not self.hub_path:
+            raise CorpusError("corpus hub_path: source=hub needs a dataset id")
+
+
+def pack(documents: list[list[int]], settings: CorpusSettings) -> dict[str, torch.Tensor] | None:
+    """Fill the splits in order with whole documents; None if the documents are too few."""
+    docs, out = iter(documents), {}
+    for split in SPLITS:
+        need, tokens = settings.blocks[split] * settings.block_size, []
+        while len(tokens) < need:
+            doc = next(docs, None)
+            if doc is None:
+                return None
+            tokens += doc
+        out[split] = torch.tensor(tokens[:need], dtype=torch.long).view(-1, settings.block_size)
+    return out
+
+
+def _file_documents(settings: CorpusSettings):
+    for path in map(Path, settings.files):
+        with open(path, encoding="utf-8", newline=None) as f:  # newline=None: CRLF files read as LF
+            for line in f:
+                text = json.loads(line)[settings.text_field] if path.suffix == ".jsonl" else line
+                if text.strip():
+                    yield text.strip()
+
+
+def _hub_documents(settings: CorpusSettings):
+    from datasets import load_dataset
+
+    rows = load_dataset(settings.hub_path, settings.hub_name, split=settings.hub_split, streaming=True)
+    for row in rows:
+        if row[settings.text_field].strip():
+            yield row[settings.text_field].strip()
+
+
+def _generated_documents(model, tokenizer, settings: CorpusSettings):
+    """Endless seeded documents written by the model, a batch at a time."""
+    rng = random.Random(settings.seed)
+    while True:
+        prompts = [rng.choice(STYLES).format(rng.choice(TOPICS)) for _ in range(settings.batch_size)]
+        if tokenizer.chat_template:
+            prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                     add_generation_prompt=True) for p in prompts]
+        batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        torch.manual_seed(rng.randrange(2**31))
+        with torch.inference_mode():
+            out = model.generate(**batch, do_sample=True, temperature=settings.temperature, top_p=settings.top_p,
+                                 max_new_tokens=settings.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+        for row in out[:, batch["input_ids"].shape[1]:]:
+            yield tokenizer.decode(row, skip_special_tokens=True).strip()
+
+
+def build_corpus(model_spec: str, settings: CorpusSettings) -> tuple[dict[str, torch.Tensor], dict]:
+    """The blocks of every split, and a summary (documents and tokens used, sample texts)."""
+    from .models import load_model, load_tokenizer
+
+    if settings.source == "generate":
+        model, tokenizer = load_model(model_spec)
+        texts = _generated_documents(model, tokenizer, settings)
+    else:
+        tokenizer = load_tokenizer(model_spec)
+        texts = _file_documents(settings) if settings.source == "files" else _hub_documents(settings)
+    needed = sum(settings.blocks.values()) * settings.block_size
+    documents, samples, blocks = [], [], None
+    with tqdm(total=needed, desc=f"corpus ({settings.source})", unit="tok") as bar:
+        for text in texts:
+            ids = tokenizer(text + "\n\n", add_special_tokens=False)["input_ids"]
+            documents.append(ids)
+            samples += [text[:400]] if len(samples) < 3 else []
+            bar.update(min(len(ids), bar.total - bar.n))
+            if sum(map(len, documents)) >= needed and (blocks := pack(documents, settings)):
+                break
+    if blocks is None:
+        have = sum(map(len, documents))
+        raise CorpusError(f"corpus: the {settings.source} source gave {len(documents)} documents, {have} tokens; "
+                          f"the blocks need {needed} tokens of whole documents")
+    summary = {"documents": len(documents), "tokens": {s: blocks[s].numel() for s in SPLITS},
+               "blocks": {s: len(blocks[s]) for s in SPLITS}, "samples": samples}
+    return blocks, summary

@@ -1,0 +1,103 @@
+"""Score many plans cheaply on held-out blocks, and select the ones to fine-tune and deploy.
+
+    rows = score_plans(model, blocks, plans)      # perplexity, KL(original || plan), top-1 agreement
+    chosen = select(rows, SelectSettings(metric="kl", per_size=1, min_reduction=0.2))
+
+Reuse: the layers before S compute the same thing for every plan that starts at S, so each batch
+runs the original model once, keeps the input of every start layer, and each plan runs only its
+layers [S, L) and the head from there. `reuse_prefix=False` scores every plan from the embeddings,
+for the benchmark that measures what the reuse saves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from .analysis import layer_inputs
+from .concurrent import apply_plan
+from .evaluate import add_sums, log_probs, summarize, token_sums
+from .models import decoder_inputs, decoder_layers, lm_logits, run_layers
+from .plan import Plan
+
+METRICS = {"kl": "min", "perplexity": "min", "top1": "max"}  # what "better" means for each metric
+
+
+@dataclass
+class SearchSettings:
+    starts: list = field(default_factory=lambda: list(range(8, 22, 2)))  # S values of the grid
+    ends: list = field(default_factory=lambda: [26, 28])  # E values (exclusive)
+    sizes: list = field(default_factory=lambda: [2, 3, 4])  # P values
+    bypasses: list = field(default_factory=lambda: [0, 1])  # D values
+    modes: list = field(default_factory=lambda: ["paper"])  # bypass modes for D >= 1
+    include: list = field(default_factory=list)  # extra plans by name, scored whatever the grid
+    batch_size: int = 4  # blocks per forward
+
+    def plans(self, num_layers: int) -> list[Plan]:
+        extra = [Plan.parse(name).validate(num_layers) for name in self.include]
+        grid = Plan.grid(num_layers, self.starts, self.ends, self.sizes, self.bypasses, self.modes)
+        return sorted(set(grid + extra))
+
+
+@dataclass
+class SelectSettings:
+    metric: str = "kl"  # kl | perplexity | top1: ranks the plans of each P
+    per_size: int = 1  # plans kept for each P
+    min_reduction: float = 0.2  # only plans whose ideal latency reduction is at least this
+    bypasses: list = field(default_factory=lambda: [0])  # D values eligible (the official README advises D=0)
+    always: list = field(default_factory=list)  # plans selected whatever their score (e.g. the paper's)
+
+
+@torch.inference_mode()
+def score_plans(model, blocks: torch.Tensor, plans: list[Plan], batch_size: int = 4,
+                reuse_prefix: bool = True, progress: bool = True) -> list[dict]:
+    """One row per plan (and one for the original): quality against the original on `blocks`."""
+    num_layers = len(decoder_layers(model))
+    totals = {plan: {} for plan in [None, *plans]}
+    bar = tqdm(total=len(blocks) * len(plans), desc="search", unit="plan-block", disable=not progress)
+    for batch in blocks.split(batch_size):
+        apply_plan(model, None)
+        inputs, output, kwargs = layer_inputs(model, batch)  # the original, once per batch
+        reference = log_probs(lm_logits(model, output))  # once per batch, shared by every plan
+        totals[None] = add_sums(totals[None], token_sums(reference, batch, reference))
+        for plan in plans:
+            apply_plan(model, plan)
+            if reuse_prefix:
+                hidden = run_layers(model, inputs[plan.start], kwargs, range(plan.start, num_layers))
+            else:
+                hidden, kwargs = decoder_inputs(model, batch)
+                hidden = run_layers(model, hidden, kwargs, range(num_layers))
+            totals[plan] = add_sums(totals[plan], token_sums(log_probs(lm_logits(model, hidden)), batch, reference))
+            bar.update(len(batch))
+    apply_plan(model, None)
+    bar.close()
+    original = summarize(totals[None])["perplexity"]
+    return [plan_row(plan, num_layers) | summarize(sums) | {"ppl_ratio": summarize(sums)["perplexity"] / original}
+            for plan, sums in totals.items()]
+
+
+def plan_row(plan: Plan | None, num_layers: int) -> dict:
+    """The plan's identity and ideal latency, as table columns."""
+    if plan is None:
+        return {"plan": "original", "start": None, "end": None, "size": 1, "bypass": 0, "bypass_mode": None,
+                "steps": num_layers, "ideal_reduction": 0.0}
+    return {"plan": str(plan), "start": plan.start, "end": plan.end, "size": plan.size, "bypass": plan.bypass,
+            "bypass_mode": plan.bypass_mode, "steps": plan.steps(num_layers),
+            "ideal_reduction": plan.ideal_reduction(num_layers)}
+
+
+def select(rows: list[dict], settings: SelectSettings) -> list[str]:
+    """The plans to carry forward: for each P, the `per_size` best by `metric` among the plans with
+    an ideal reduction of at least `min_reduction` and an eligible D; then the `always` plans."""
+    if settings.metric not in METRICS:
+        raise ValueError(f"select metric={settings.metric!r}: allowed are {', '.join(METRICS)}")
+    sign = 1 if METRICS[settings.metric] == "min" else -1
+    eligible = [r for r in rows if r["plan"] != "original" and r["ideal_reduction"] >= settings.min_reduction
+                and r["bypass"] in settings.bypasses]
+    chosen = []
+    for size in sorted({r["size"] for r in eligible}):
+        ranked = sorted((r for r in eligible if r["size"] == size), key=lambda r: (sign * r[settings.metric], r["plan"]))
+        chosen += [r["plan"] for r in ranked[: settings.per_size]]
+    return chosen + [str(Plan.parse(p)) for p in settings.always if str(Plan.parse(p)) not in chosen]

@@ -1,0 +1,64 @@
+# Validation, paths and input functions; no rules here.
+import json
+import shlex
+from pathlib import Path
+
+from cqil.config import ConfigError, check_config
+
+try:
+    check_config(config, Path(workflow.basedir) / "schemas" / "config.schema.yaml")
+except ConfigError as err:  # one line, before any job runs
+    raise SystemExit(f"cqil: error: {err}")
+
+RESULTS = f"results/{config['run']}/{{model}}"
+RESOURCES = f"resources/{config['run']}/{{model}}"
+
+
+def log_path(rule, suffix="log"):
+    """logs/<run>/<rule>/<model>.log, and .benchmark.tsv beside it (Snakemake's timings)."""
+    return f"logs/{config['run']}/{rule}/{{model}}.{suffix}"
+
+
+wildcard_constraints:
+    model="|".join(config["models"]),
+    plan=r"S\d+-E\d+-P\d+-D\d+(-official)?",
+
+
+def spec(wildcards):
+    return config["models"][wildcards.model]["spec"]
+
+
+def layers(wildcards):
+    return config["models"][wildcards.model]["layers"]
+
+
+def dtype(wildcards):
+    return config["models"][wildcards.model].get("dtype", "auto")
+
+
+def settings(section, drop=("split",)):
+    """A config section as the quoted JSON that `cqil <stage> --settings` reads."""
+    values = {k: v for k, v in config[section].items() if k not in drop}
+    return shlex.quote(json.dumps(values, sort_keys=True))
+
+
+def res(rule, key):
+    return config["resources"].get(rule, config["resources"]["default"])[key]
+
+
+def selected_scores(wildcards):
+    """The test-split scores of the plans chosen by the `select` checkpoint."""
+    selected = checkpoints.select.get(model=wildcards.model).output[0]
+    plans = json.loads(Path(selected).read_text())["plans"]
+    return expand(f"{RESULTS}/plans/{{plan}}/scores.json", model=wildcards.model, plan=plans)
+
+
+FIGURES = ["similarity_heatmap", "similarity_adjacent", "sensitivity", "frontier"]
+
+
+def final_targets():
+    return expand(
+        [f"{RESULTS}/corpus.json", f"{RESULTS}/selected_scores.csv"]
+        + [f"{RESULTS}/figures/{name}.png" for name in FIGURES],
+        model=list(config["models"]),
+    )

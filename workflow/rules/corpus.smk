@@ -1,0 +1,21 @@
+rule corpus:
+    input:
+        rules.prepare_model.output,
+    output:
+        blocks=f"{RESOURCES}/corpus.pt",
+        summary=f"{RESULTS}/corpus.json",
+    params:
+        spec=spec,
+        settings=settings("corpus", drop=()),
+    log:
+        log_path("corpus"),
+    benchmark:
+        log_path("corpus", "benchmark.tsv")
+    threads: res("corpus", "threads")
+    resources:
+        mem_mb=res("corpus", "mem_mb"),
+        runtime=res("corpus", "runtime"),
+        gpu=res("corpus", "gpu"),
+    shell:
+        "cqil --threads {threads} corpus --model {params.spec} --settings {params.settings}"
+        " --out {output.blocks} --summary {output.summary} > {log} 2>&1"

@@ -1,0 +1,17 @@
+rule prepare_model:
+    output:
+        f"{RESULTS}/model.json",
+    params:
+        spec=spec,
+        layers=layers,
+    log:
+        log_path("prepare_model"),
+    benchmark:
+        log_path("prepare_model", "benchmark.tsv")
+    threads: res("prepare_model", "threads")
+    resources:
+        mem_mb=res("prepare_model", "mem_mb"),
+        runtime=res("prepare_model", "runtime"),
+        gpu=res("prepare_model", "gpu"),
+    shell:
+        "cqil --threads {threads} prepare --model {params.spec} --layers {params.layers} --out {output} > {log} 2>&1"

@@ -1,0 +1,75 @@
+rule search:
+    input:
+        rules.corpus.output.blocks,
+    output:
+        f"{RESULTS}/search.csv",
+    params:
+        spec=spec,
+        dtype=dtype,
+        split=config["search"].get("split", "search"),
+        settings=settings("search"),
+    log:
+        log_path("search"),
+    benchmark:
+        log_path("search", "benchmark.tsv")
+    threads: res("search", "threads")
+    resources:
+        mem_mb=res("search", "mem_mb"),
+        runtime=res("search", "runtime"),
+        gpu=res("search", "gpu"),
+    shell:
+        "cqil --threads {threads} search --model {params.spec} --dtype {params.dtype} --corpus {input}"
+        " --split {params.split} --settings {params.settings} --out {output} > {log} 2>&1"
+
+
+# The plans chosen here fan out to the later stages (scores now; fine-tuning, evaluation, latency next).
+checkpoint select:
+    input:
+        rules.search.output,
+    output:
+        f"{RESULTS}/selected.json",
+    params:
+        settings=settings("select"),
+    log:
+        log_path("select"),
+    benchmark:
+        log_path("select", "benchmark.tsv")
+    threads: 1
+    shell:
+        "cqil select --search {input} --settings {params.settings} --out {output} > {log} 2>&1"
+
+
+rule score:
+    input:
+        rules.corpus.output.blocks,
+    output:
+        f"{RESULTS}/plans/{{plan}}/scores.json",
+    params:
+        spec=spec,
+        dtype=dtype,
+        split=config["score"].get("split", "test"),
+        batch_size=config["score"].get("batch_size", 4),
+    log:
+        f"logs/{config['run']}/score/{{model}}/{{plan}}.log",
+    benchmark:
+        f"logs/{config['run']}/score/{{model}}/{{plan}}.benchmark.tsv"
+    threads: res("score", "threads")
+    resources:
+        mem_mb=res("score", "mem_mb"),
+        runtime=res("score", "runtime"),
+        gpu=res("score", "gpu"),
+    shell:
+        "cqil --threads {threads} score --model {params.spec} --dtype {params.dtype} --plan {wildcards.plan}"
+        " --corpus {input} --split {params.split} --batch-size {params.batch_size} --out {output} > {log} 2>&1"
+
+
+rule selected_scores:
+    input:
+        selected_scores,
+    output:
+        f"{RESULTS}/selected_scores.csv",
+    log:
+        log_path("selected_scores"),
+    threads: 1
+    shell:
+        "cqil collect {input} --out {output} > {log} 2>&1"

@@ -1,0 +1,24 @@
+rule sensitivity:
+    input:
+        rules.corpus.output.blocks,
+    output:
+        f"{RESULTS}/sensitivity.csv",
+    params:
+        spec=spec,
+        dtype=dtype,
+        split=config["sensitivity"].get("split", "calibration"),
+        distances=" ".join(map(str, config["sensitivity"].get("distances", [1, 2]))),
+        batch_size=config["sensitivity"].get("batch_size", 2),
+    log:
+        log_path("sensitivity"),
+    benchmark:
+        log_path("sensitivity", "benchmark.tsv")
+    threads: res("sensitivity", "threads")
+    resources:
+        mem_mb=res("sensitivity", "mem_mb"),
+        runtime=res("sensitivity", "runtime"),
+        gpu=res("sensitivity", "gpu"),
+    shell:
+        "cqil --threads {threads} sensitivity --model {params.spec} --dtype {params.dtype} --corpus {input}"
+        " --split {params.split} --distances {params.distances} --batch-size {params.batch_size}"
+        " --out {output} > {log} 2>&1"
