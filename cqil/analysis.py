@@ -13,13 +13,17 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .concurrent import planned
 from .evaluate import add_sums, log_probs, summarize, token_sums
 from .models import decoder_inputs, decoder_layers, lm_logits, run_layers
 
 
 def layer_inputs(model, input_ids: torch.Tensor):
-    """The input of every decoder layer (L tensors (B, T, C)), the last layer's output, and the layer kwargs."""
-    hidden, kwargs = decoder_inputs(model, input_ids)
+    """The input of every decoder layer (L tensors (B, T, C)), the last layer's output, and the layer kwargs.
+
+    On the model as it is: callers that analyse the original run it inside `planned(model, None)`.
+    """
+    hidden, kwargs = decoder_inputs(model, input_ids.to(next(model.parameters()).device))
     inputs = []
     for i in range(len(decoder_layers(model))):
         inputs.append(hidden)
@@ -34,14 +38,17 @@ def similarity(model, blocks: torch.Tensor, batch_size: int = 4) -> np.ndarray:
     Cosines are taken per token and then averaged, so no token dominates by its norm; the first
     token of each block is left out (its attention-sink state is an outlier in every layer).
     """
+    if blocks.shape[1] < 2:
+        raise ValueError(f"similarity: blocks of {blocks.shape[1]} token(s) have nothing after the first token")
     gram, count = 0.0, 0
-    for batch in tqdm(blocks.split(batch_size), desc="similarity", unit="batch"):
-        inputs, _, _ = layer_inputs(model, batch)
-        states = torch.stack([h[:, 1:].reshape(-1, h.shape[-1]) for h in inputs]).double()  # (L, N, C)
-        states = F.normalize(states, dim=-1)
-        gram = gram + torch.einsum("ind,jnd->ij", states, states)
-        count += states.shape[1]
-    return (gram / count).numpy()
+    with planned(model, None):
+        for batch in tqdm(blocks.split(batch_size), desc="similarity", unit="batch"):
+            inputs, _, _ = layer_inputs(model, batch)
+            states = torch.stack([h[:, 1:].reshape(-1, h.shape[-1]) for h in inputs]).double()  # (L, N, C)
+            states = F.normalize(states, dim=-1)
+            gram = gram + torch.einsum("ind,jnd->ij", states, states)
+            count += states.shape[1]
+    return (gram / count).cpu().numpy()
 
 
 @torch.inference_mode()
@@ -57,14 +64,22 @@ def sensitivity(model, blocks: torch.Tensor, distances=(1, 2), batch_size: int =
     """
     num_layers = len(decoder_layers(model))
     variants = [(i, k) for k in distances for i in range(k, num_layers)]
-    totals = {v: {} for v in [(-1, 0)] + variants}
-    for batch in tqdm(blocks.split(batch_size), desc="sensitivity", unit="batch"):
-        inputs, output, kwargs = layer_inputs(model, batch)
-        reference = log_probs(lm_logits(model, output))  # once per batch, shared by every variant
-        totals[(-1, 0)] = add_sums(totals[(-1, 0)], token_sums(reference, batch, reference))
-        for i, k in variants:
-            early = inputs[i - k]
-            hidden = inputs[i] + run_layers(model, early, kwargs, range(i, i + 1)) - early
-            hidden = run_layers(model, hidden, kwargs, range(i + 1, num_layers))
-            totals[(i, k)] = add_sums(totals[(i, k)], token_sums(log_probs(lm_logits(model, hidden)), batch, reference))
+    totals = {}
+    with planned(model, None):
+        for batch in tqdm(blocks.split(batch_size), desc="sensitivity", unit="batch"):
+            for variant, sums in _sensitivity_sums(model, batch.to(next(model.parameters()).device), variants):
+                totals[variant] = add_sums(totals.get(variant, {}), sums)
     return [{"layer": i, "distance": k, **summarize(sums)} for (i, k), sums in totals.items()]
+
+
+def _sensitivity_sums(model, batch: torch.Tensor, variants):
+    """Yield ((layer, k), token sums) for the original ((-1, 0)) and each variant on one batch."""
+    num_layers = len(decoder_layers(model))
+    inputs, output, kwargs = layer_inputs(model, batch)
+    reference = log_probs(lm_logits(model, output))  # once per batch, shared by every variant
+    yield (-1, 0), token_sums(reference, batch, reference)
+    for i, k in variants:
+        early = inputs[i - k]
+        hidden = inputs[i] + run_layers(model, early, kwargs, range(i, i + 1)) - early
+        hidden = run_layers(model, hidden, kwargs, range(i + 1, num_layers))
+        yield (i, k), token_sums(log_probs(lm_logits(model, hidden)), batch, reference)

@@ -244,11 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    def model_args(p, plan=True):
+    def model_args(p, plan="optional"):
         p.add_argument("--model", default="smollm2-135m",
                        help="embedded name, local HF directory, .gguf file or Hub id (default: %(default)s)")
         if plan:
-            p.add_argument("--plan", help="CQIL plan, e.g. S18-E28-P2-D0 (0-indexed, end exclusive)")
+            p.add_argument("--plan", required=plan == "required",
+                           help="CQIL plan, e.g. S18-E28-P2-D0 (0-indexed, end exclusive)")
         p.add_argument("--dtype", default="auto", choices=list(DTYPES))
 
     command(cmd_info, "info").add_argument("model", help="embedded name, local HF directory, .gguf file or Hub id")
@@ -274,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     for func, name in [(cmd_similarity, "similarity"), (cmd_sensitivity, "sensitivity"), (cmd_search, "search"),
                        (cmd_score, "score")]:
         p = command(func, name)
-        model_args(p, plan=name == "score")
+        model_args(p, plan="required" if name == "score" else None)
         p.add_argument("--corpus", required=True, help="corpus file written by `cqil corpus`")
         p.add_argument("--split", default="test" if name == "score" else "search" if name == "search" else "calibration")
         p.add_argument("--out", required=True)

@@ -14,6 +14,7 @@ targets and `save_pretrained` are those of the original model, and each layer ke
 
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 
 import torch
@@ -66,6 +67,10 @@ def apply_plan(model, plan: Plan | None):
     layers = decoder_layers(model)
     plan.validate(len(layers))
     _check_layer_types(model.config, plan)
+    for i, layer in enumerate(layers):
+        if "forward" in layer.__dict__:  # e.g. accelerate's device_map / offload hooks live there
+            raise PlanError(f"plan {plan}: layer {i} already has its forward replaced (accelerate hooks?); "
+                            f"apply the plan to a model loaded without device_map offloading")
     # A group of one layer is that layer: with P=1 every layer keeps its own forward, bit for bit.
     for group in plan.groups() if plan.size > 1 else ():
         members = [layers[i] for i in group]
@@ -77,12 +82,28 @@ def apply_plan(model, plan: Plan | None):
     return model
 
 
+def _ours(forward) -> bool:
+    return forward is pass_through or (isinstance(forward, partial) and forward.func is group_forward)
+
+
 def remove_plan(model):
     """Give every decoder layer its own forward back; returns the model."""
     for layer in decoder_layers(model):
-        layer.__dict__.pop("forward", None)
+        if _ours(layer.__dict__.get("forward")):
+            del layer.forward
     model.config.__dict__.pop("cqil_plan", None)
     return model
+
+
+@contextlib.contextmanager
+def planned(model, plan: Plan | None):
+    """Run a block with `plan` applied (None: the original model), then restore the model's own plan."""
+    before = stored_plan(model.config)
+    apply_plan(model, plan)
+    try:
+        yield model
+    finally:
+        apply_plan(model, before)
 
 
 def stored_plan(config) -> Plan | None:

@@ -34,8 +34,10 @@ def check_schema(config: dict, schema_path) -> None:
 
 def check_plans(config: dict) -> None:
     search, select = config["search"], config["select"]
-    for name, model in config["models"].items():
-        layers = model["layers"]
+    for i, name in enumerate(config["models"]):
+        if name not in config["catalog"]:
+            raise ConfigError(f"config.models[{i}]: {name!r} is not in config.catalog ({', '.join(config['catalog'])})")
+        layers = config["catalog"][name]["layers"]
         for field in ("starts", "ends"):
             for i, value in enumerate(search[field]):
                 if value > layers or (field == "starts" and value >= layers):

@@ -98,7 +98,7 @@ def pack(documents: list[list[int]], settings: CorpusSettings) -> dict[str, torc
 def _file_documents(settings: CorpusSettings):
     for path in map(Path, settings.files):
         with open(path, encoding="utf-8", newline=None) as f:  # newline=None: CRLF files read as LF
-            for line in f:
+            for line in filter(str.strip, f):
                 text = json.loads(line)[settings.text_field] if path.suffix == ".jsonl" else line
                 if text.strip():
                     yield text.strip()
@@ -132,26 +132,28 @@ def _generated_documents(model, tokenizer, settings: CorpusSettings):
 
 def build_corpus(model_spec: str, settings: CorpusSettings) -> tuple[dict[str, torch.Tensor], dict]:
     """The blocks of every split, and a summary (documents and tokens used, sample texts)."""
+    from .concurrent import remove_plan
     from .models import load_model, load_tokenizer
 
     if settings.source == "generate":
         model, tokenizer = load_model(model_spec)
+        remove_plan(model)  # the original writes the corpus, even for a saved CQIL model
         texts = _generated_documents(model, tokenizer, settings)
     else:
         tokenizer = load_tokenizer(model_spec)
         texts = _file_documents(settings) if settings.source == "files" else _hub_documents(settings)
     needed = sum(settings.blocks.values()) * settings.block_size
-    documents, samples, blocks = [], [], None
+    documents, samples, blocks, have = [], [], None, 0
     with tqdm(total=needed, desc=f"corpus ({settings.source})", unit="tok") as bar:
         for text in texts:
             ids = tokenizer(text + "\n\n", add_special_tokens=False)["input_ids"]
             documents.append(ids)
+            have += len(ids)
             samples += [text[:400]] if len(samples) < 3 else []
             bar.update(min(len(ids), bar.total - bar.n))
-            if sum(map(len, documents)) >= needed and (blocks := pack(documents, settings)):
+            if have >= needed and (blocks := pack(documents, settings)):
                 break
     if blocks is None:
-        have = sum(map(len, documents))
         raise CorpusError(f"corpus: the {settings.source} source gave {len(documents)} documents, {have} tokens; "
                           f"the blocks need {needed} tokens of whole documents")
     summary = {"documents": len(documents), "tokens": {s: blocks[s].numel() for s in SPLITS},

@@ -38,8 +38,8 @@ def perplexity(model, token_ids: torch.Tensor, block_size: int = 512, progress: 
 
 
 def log_probs(logits: torch.Tensor) -> torch.Tensor:
-    """Next-token log-probabilities, float32: (B, T, V) logits -> (B, T-1, V); row t predicts token t+1."""
-    return F.log_softmax(logits[:, :-1].float(), dim=-1)
+    """Next-token log-probabilities, at least float32: (B, T, V) -> (B, T-1, V); row t predicts token t+1."""
+    return F.log_softmax(logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
 
 
 def token_sums(logp: torch.Tensor, input_ids: torch.Tensor, reference: torch.Tensor | None = None) -> dict:

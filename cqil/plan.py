@@ -97,7 +97,8 @@ class Plan:
 
     def ideal_reduction(self, num_layers: int) -> float:
         """Latency reduction if only layers cost time and a group costs one layer: (E-S)(1-1/P)/L."""
-        return 1 - self.steps(num_layers) / num_layers
+        self.validate(num_layers)
+        return (self.end - self.start) * (self.size - 1) / (self.size * num_layers)  # exact for 20%, 37.5%, ...
 
     @classmethod
     def grid(

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .analysis import layer_inputs
-from .concurrent import apply_plan
+from .concurrent import apply_plan, planned
 from .evaluate import add_sums, log_probs, summarize, token_sums
 from .models import decoder_inputs, decoder_layers, lm_logits, run_layers
 from .plan import Plan
@@ -57,25 +57,33 @@ def score_plans(model, blocks: torch.Tensor, plans: list[Plan], batch_size: int 
     num_layers = len(decoder_layers(model))
     totals = {plan: {} for plan in [None, *plans]}
     bar = tqdm(total=len(blocks) * len(plans), desc="search", unit="plan-block", disable=not progress)
-    for batch in blocks.split(batch_size):
-        apply_plan(model, None)
-        inputs, output, kwargs = layer_inputs(model, batch)  # the original, once per batch
-        reference = log_probs(lm_logits(model, output))  # once per batch, shared by every plan
-        totals[None] = add_sums(totals[None], token_sums(reference, batch, reference))
-        for plan in plans:
-            apply_plan(model, plan)
-            if reuse_prefix:
-                hidden = run_layers(model, inputs[plan.start], kwargs, range(plan.start, num_layers))
-            else:
-                hidden, kwargs = decoder_inputs(model, batch)
-                hidden = run_layers(model, hidden, kwargs, range(num_layers))
-            totals[plan] = add_sums(totals[plan], token_sums(log_probs(lm_logits(model, hidden)), batch, reference))
-            bar.update(len(batch))
-    apply_plan(model, None)
+    with planned(model, None):  # whatever plan the model had is restored at the end
+        for batch in blocks.split(batch_size):
+            batch = batch.to(next(model.parameters()).device)
+            for plan, sums in _plan_sums(model, batch, plans, reuse_prefix):
+                totals[plan] = add_sums(totals[plan], sums)
+                bar.update(len(batch) if plan else 0)
     bar.close()
     original = summarize(totals[None])["perplexity"]
     return [plan_row(plan, num_layers) | summarize(sums) | {"ppl_ratio": summarize(sums)["perplexity"] / original}
             for plan, sums in totals.items()]
+
+
+def _plan_sums(model, batch: torch.Tensor, plans: list[Plan], reuse_prefix: bool):
+    """Yield (plan, token sums) for the original (None) and each plan on one batch."""
+    num_layers = len(decoder_layers(model))
+    apply_plan(model, None)
+    inputs, output, kwargs = layer_inputs(model, batch)  # the original, once per batch
+    reference = log_probs(lm_logits(model, output))  # shared by every plan
+    yield None, token_sums(reference, batch, reference)
+    for plan in plans:
+        apply_plan(model, plan)
+        if reuse_prefix:
+            hidden = run_layers(model, inputs[plan.start], kwargs, range(plan.start, num_layers))
+        else:
+            hidden, kwargs = decoder_inputs(model, batch)
+            hidden = run_layers(model, hidden, kwargs, range(num_layers))
+        yield plan, token_sums(log_probs(lm_logits(model, hidden)), batch, reference)
 
 
 def plan_row(plan: Plan | None, num_layers: int) -> dict:
@@ -94,8 +102,8 @@ def select(rows: list[dict], settings: SelectSettings) -> list[str]:
     if settings.metric not in METRICS:
         raise ValueError(f"select metric={settings.metric!r}: allowed are {', '.join(METRICS)}")
     sign = 1 if METRICS[settings.metric] == "min" else -1
-    eligible = [r for r in rows if r["plan"] != "original" and r["ideal_reduction"] >= settings.min_reduction
-                and r["bypass"] in settings.bypasses]
+    eligible = [r for r in rows if r["plan"] != "original" and r["bypass"] in settings.bypasses
+                and r["ideal_reduction"] >= settings.min_reduction - 1e-9]  # CSV round-trips lose the last digits
     chosen = []
     for size in sorted({r["size"] for r in eligible}):
         ranked = sorted((r for r in eligible if r["size"] == size), key=lambda r: (sign * r[settings.metric], r["plan"]))

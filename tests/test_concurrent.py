@@ -108,6 +108,30 @@ def test_remove_plan_restores_the_original():
         assert set(model.state_dict()) == set(tiny_model().state_dict())  # nothing renamed or added
 
 
+def test_foreign_forwards_are_refused_and_kept():
+    model = tiny_model()
+    hooked = model.model.layers[5]
+    hooked.forward = lambda hidden_states, **kwargs: hidden_states  # stands in for an accelerate hook
+    with pytest.raises(PlanError, match="layer 5 already has its forward replaced"):
+        apply_plan(model, Plan.parse("S2-E6-P2-D0"))
+    remove_plan(model)
+    assert "forward" in hooked.__dict__
+
+
+def test_planned_restores_the_models_own_plan():
+    from cqil.concurrent import planned
+    model, ids = tiny_model(), ids_batch()
+    apply_plan(model, Plan.parse("S0-E8-P4-D1"))
+    with torch.no_grad():
+        planned_logits = model(input_ids=ids).logits
+        with planned(model, None):
+            assert not hasattr(model.config, "cqil_plan")
+            original = model(input_ids=ids).logits
+        assert model.config.cqil_plan == "S0-E8-P4-D1"
+        torch.testing.assert_close(model(input_ids=ids).logits, planned_logits, rtol=0, atol=0)
+    assert (original - planned_logits).abs().max() > 1e-3
+
+
 def test_plan_must_fit_the_model():
     with pytest.raises(PlanError, match="exceeds the model's 8 layers"):
         apply_plan(tiny_model(), Plan.parse("S4-E10-P2-D0"))

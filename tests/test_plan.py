@@ -60,6 +60,7 @@ def test_groups_steps_and_ideal_reduction():
     assert plan.steps(32) == 32 - 18 + 9
     assert plan.ideal_reduction(32) == pytest.approx(0.28125)  # PAPER.md: LLaMA-7B S12 E30 P2, 28.1%
     assert Plan(14, 30, 4).ideal_reduction(32) == pytest.approx(0.375)  # 37.5%
+    assert Plan(14, 26, 2).ideal_reduction(30) == 0.2  # exact: a 20% threshold keeps it
     assert Plan(0, 30, 1).steps(30) == 30 and Plan(0, 30, 1).ideal_reduction(30) == 0
     with pytest.raises(PlanError):
         Plan(12, 30, 2).steps(20)

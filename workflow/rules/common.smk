@@ -1,5 +1,6 @@
 # Validation, paths and input functions; no rules here.
 import json
+import re
 import shlex
 from pathlib import Path
 
@@ -20,20 +21,20 @@ def log_path(rule, suffix="log"):
 
 
 wildcard_constraints:
-    model="|".join(config["models"]),
+    model="|".join(map(re.escape, config["models"])),
     plan=r"S\d+-E\d+-P\d+-D\d+(-official)?",
 
 
 def spec(wildcards):
-    return config["models"][wildcards.model]["spec"]
+    return config["catalog"][wildcards.model]["spec"]
 
 
 def layers(wildcards):
-    return config["models"][wildcards.model]["layers"]
+    return config["catalog"][wildcards.model]["layers"]
 
 
 def dtype(wildcards):
-    return config["models"][wildcards.model].get("dtype", "auto")
+    return config["catalog"][wildcards.model].get("dtype", "auto")
 
 
 def settings(section, drop=("split",)):
@@ -43,7 +44,8 @@ def settings(section, drop=("split",)):
 
 
 def res(rule, key):
-    return config["resources"].get(rule, config["resources"]["default"])[key]
+    """A rule's resource: its own entry in config.resources, else the default's."""
+    return {**config["resources"]["default"], **config["resources"].get(rule, {})}[key]
 
 
 def selected_scores(wildcards):
@@ -60,5 +62,5 @@ def final_targets():
     return expand(
         [f"{RESULTS}/corpus.json", f"{RESULTS}/selected_scores.csv"]
         + [f"{RESULTS}/figures/{name}.png" for name in FIGURES],
-        model=list(config["models"]),
+        model=config["models"],
     )

@@ -17,5 +17,5 @@ rule corpus:
         runtime=res("corpus", "runtime"),
         gpu=res("corpus", "gpu"),
     shell:
-        "cqil --threads {threads} corpus --model {params.spec} --settings {params.settings}"
+        "cqil --threads {threads} corpus --model {params.spec:q} --settings {params.settings}"
         " --out {output.blocks} --summary {output.summary} > {log} 2>&1"

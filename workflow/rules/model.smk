@@ -14,4 +14,4 @@ rule prepare_model:
         runtime=res("prepare_model", "runtime"),
         gpu=res("prepare_model", "gpu"),
     shell:
-        "cqil --threads {threads} prepare --model {params.spec} --layers {params.layers} --out {output} > {log} 2>&1"
+        "cqil --threads {threads} prepare --model {params.spec:q} --layers {params.layers} --out {output} > {log} 2>&1"

@@ -1,11 +1,11 @@
 rule figures:
     input:
-        similarity=rules.similarity.output,
-        sensitivity=rules.sensitivity.output,
-        search=rules.search.output,
+        similarity=rules.similarity.output.table,
+        sensitivity=rules.sensitivity.output.table,
+        search=rules.search.output.table,
         selected=rules.select.output,
     output:
-        [f"{RESULTS}/figures/{name}.png" for name in FIGURES],
+        [f"{RESULTS}/figures/{name}.{kind}" for name in FIGURES for kind in ("png", "pdf")],
     params:
         out_dir=f"{RESULTS}/figures",
     log:

@@ -2,7 +2,8 @@ rule search:
     input:
         rules.corpus.output.blocks,
     output:
-        f"{RESULTS}/search.csv",
+        table=f"{RESULTS}/search.csv",
+        summary=f"{RESULTS}/search.json",  # written beside the table, with its provenance
     params:
         spec=spec,
         dtype=dtype,
@@ -18,14 +19,14 @@ rule search:
         runtime=res("search", "runtime"),
         gpu=res("search", "gpu"),
     shell:
-        "cqil --threads {threads} search --model {params.spec} --dtype {params.dtype} --corpus {input}"
-        " --split {params.split} --settings {params.settings} --out {output} > {log} 2>&1"
+        "cqil --threads {threads} search --model {params.spec:q} --dtype {params.dtype} --corpus {input}"
+        " --split {params.split} --settings {params.settings} --out {output.table} > {log} 2>&1"
 
 
 # The plans chosen here fan out to the later stages (scores now; fine-tuning, evaluation, latency next).
 checkpoint select:
     input:
-        rules.search.output,
+        rules.search.output.table,
     output:
         f"{RESULTS}/selected.json",
     params:
@@ -59,7 +60,7 @@ rule score:
         runtime=res("score", "runtime"),
         gpu=res("score", "gpu"),
     shell:
-        "cqil --threads {threads} score --model {params.spec} --dtype {params.dtype} --plan {wildcards.plan}"
+        "cqil --threads {threads} score --model {params.spec:q} --dtype {params.dtype} --plan {wildcards.plan}"
         " --corpus {input} --split {params.split} --batch-size {params.batch_size} --out {output} > {log} 2>&1"
 
 

@@ -2,7 +2,8 @@ rule sensitivity:
     input:
         rules.corpus.output.blocks,
     output:
-        f"{RESULTS}/sensitivity.csv",
+        table=f"{RESULTS}/sensitivity.csv",
+        summary=f"{RESULTS}/sensitivity.json",  # written beside the table, with its provenance
     params:
         spec=spec,
         dtype=dtype,
@@ -19,6 +20,6 @@ rule sensitivity:
         runtime=res("sensitivity", "runtime"),
         gpu=res("sensitivity", "gpu"),
     shell:
-        "cqil --threads {threads} sensitivity --model {params.spec} --dtype {params.dtype} --corpus {input}"
+        "cqil --threads {threads} sensitivity --model {params.spec:q} --dtype {params.dtype} --corpus {input}"
         " --split {params.split} --distances {params.distances} --batch-size {params.batch_size}"
-        " --out {output} > {log} 2>&1"
+        " --out {output.table} > {log} 2>&1"

@@ -2,7 +2,8 @@ rule similarity:
     input:
         rules.corpus.output.blocks,
     output:
-        f"{RESULTS}/similarity.csv",
+        table=f"{RESULTS}/similarity.csv",
+        summary=f"{RESULTS}/similarity.json",  # written beside the table, with its provenance
     params:
         spec=spec,
         dtype=dtype,
@@ -18,5 +19,5 @@ rule similarity:
         runtime=res("similarity", "runtime"),
         gpu=res("similarity", "gpu"),
     shell:
-        "cqil --threads {threads} similarity --model {params.spec} --dtype {params.dtype} --corpus {input}"
-        " --split {params.split} --batch-size {params.batch_size} --out {output} > {log} 2>&1"
+        "cqil --threads {threads} similarity --model {params.spec:q} --dtype {params.dtype} --corpus {input}"
+        " --split {params.split} --batch-size {params.batch_size} --out {output.table} > {log} 2>&1"

@@ -1,0 +1,131 @@
+"""The Snakemake DAG: config validation, dry-runs, and one real run on the embedded default (small)."""
+
+import copy
+import json
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from cqil.config import ConfigError, check_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMA = ROOT / "workflow" / "schemas" / "config.schema.yaml"
+DEFAULT = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+
+
+def snakemake(*args, check=True):
+    result = subprocess.run(["snakemake", "--cores", "2", *args], cwd=ROOT, capture_output=True, text=True)
+    if check and result.returncode:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def jobs(output: str) -> dict[str, int]:
+    """The 'Job stats' table of a dry-run, as {rule: count}."""
+    table = output.split("Job stats:")[1].split("\n\n")[0].splitlines()[3:]
+    return {rule: int(count) for rule, count in (line.split() for line in table)}
+
+
+def edited(path: str, value):
+    config = copy.deepcopy(DEFAULT)
+    *parents, last = path.split(".")
+    node = config
+    for key in parents:
+        node = node[key]
+    if value is None:
+        del node[last]
+    else:
+        node[last] = value
+    return config
+
+
+def test_default_config_is_valid():
+    check_config(DEFAULT, SCHEMA)
+
+
+@pytest.mark.parametrize("path, value, message", [
+    ("run", "two words", "config.run: 'two words' does not match"),
+    ("corpus.source", "web", "config.corpus.source: 'web' is not one of ['generate', 'files', 'hub']"),
+    ("corpus.sourse", "generate", "config.corpus: Additional properties are not allowed ('sourse' was unexpected)"),
+    ("corpus.blocks.test", 0, "config.corpus.blocks.test: 0 is less than the minimum of 1"),
+    ("search.sizes", [2, "3"], "config.search.sizes[1]: '3' is not of type 'integer'"),
+    ("search.sizes", [1], "config.search.sizes[0]: 1 is less than the minimum of 2"),
+    ("select.metric", "bleu", "config.select.metric: 'bleu' is not one of ['kl', 'perplexity', 'top1']"),
+    ("search.include", ["S18-E28"], "config.search.include[0]: 'S18-E28' does not match"),
+    ("catalog.smollm2-135m.layers", "30", "config.catalog.smollm2-135m.layers: '30' is not of type 'integer'"),
+    ("resources.default.gpu", -1, "config.resources.default.gpu: -1 is less than the minimum of 0"),
+    ("sensitivity", None, "config: 'sensitivity' is a required property"),
+    # checks that need the layer count of each model
+    ("search.ends", [26, 32], "config.search.ends[1]: 32 does not fit model 'smollm2-135m' with 30 layers"),
+    ("search.include", ["S18-E32-P2-D0"], "config.search.include[0]: plan S18-E32-P2-D0: E=32 exceeds the model's 30 layers"),
+    ("select.always", ["S18-E28-P3-D0"], "config.select.always[0]: plan S18-E28-P3-D0: E-S=10 must be a multiple of P=3"),
+    ("models", ["llama-7b"], "config.models[0]: 'llama-7b' is not in config.catalog (smollm2-135m)"),
+    ("search.sizes", [11], "config.search: the grid has no valid plan for model 'smollm2-135m'"),
+])
+def test_bad_config_fails_with_one_line(path, value, message):
+    config = edited(path, value)
+    if path == "search.sizes" and value == [11]:
+        config["search"]["include"] = []
+    with pytest.raises(ConfigError) as err:
+        check_config(config, SCHEMA)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_snakemake_reports_a_bad_config_before_any_job(tmp_path):
+    (tmp_path / "bad.yaml").write_text("search:\n  ends: [26, 40]\n")
+    result = snakemake("-n", "--configfile", str(tmp_path / "bad.yaml"), check=False)
+    assert result.returncode != 0
+    assert "cqil: error: config.search.ends[1]: 40 does not fit model 'smollm2-135m'" in result.stdout + result.stderr
+
+
+def test_dry_run_of_the_default():
+    out = snakemake("-n", "--config", "run=dryrun").stdout
+    assert jobs(out) == {"prepare_model": 1, "corpus": 1, "similarity": 1, "sensitivity": 1, "search": 1,
+                         "select": 1, "figures": 1, "selected_scores": 1, "all": 1, "total": 9}
+
+
+def test_dry_run_with_another_model(tiny_dir, tmp_path):
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump({
+        "run": "dryrun", "models": ["tiny", "smollm2-135m"],
+        "catalog": {"tiny": {"spec": str(tiny_dir), "layers": 8}},
+        "search": {"starts": [2, 4], "ends": [6, 8], "sizes": [2], "include": []},
+    }))
+    out = snakemake("-n", "--configfile", str(tmp_path / "tiny.yaml")).stdout
+    assert jobs(out)["corpus"] == 2 and jobs(out)["search"] == 2
+    assert f"--model {tiny_dir}" in out and "results/dryrun/tiny/search.csv" in out
+
+
+def test_lint():
+    """Snakemake's linter finds nothing but its advice to give each rule a conda env (one env serves all)."""
+    out = snakemake("--lint", check=False).stdout
+    lints = [line.strip() for line in out.splitlines() if line.strip().startswith("* ")]
+    assert all(lint.startswith("* Specify a conda environment or container") for lint in lints), out
+
+
+@pytest.mark.slow
+def test_real_run_on_the_default_model():
+    """The whole DAG on SmolLM2-135M with small settings; then nothing to redo; then only what a change touches."""
+    small = ["--configfile", "tests/data/small.yaml", "--config", "run=pytest"]
+    snakemake(*small)
+    out = ROOT / "results" / "pytest" / "smollm2-135m"
+    search = pd.read_csv(out / "search.csv")
+    assert {"plan", "size", "bypass", "ideal_reduction", "perplexity", "kl", "top1", "ppl_ratio"} <= set(search.columns)
+    assert len(search) == 1 + 6  # the original and the grid S16/S18 x E28 x P2/P4 x D0/D1, P4 only from S16
+    assert (search.loc[search.plan != "original", "kl"] > 0).all()
+    similarity = pd.read_csv(out / "similarity.csv")
+    assert len(similarity) == 30 * 30 and similarity.cosine.max() <= 1 + 1e-9
+    selected = json.loads((out / "selected.json").read_text())["plans"]
+    scores = pd.read_csv(out / "selected_scores.csv")
+    assert scores.plan.tolist() == ["original", *selected]
+    for name in ("similarity_heatmap", "similarity_adjacent", "sensitivity", "frontier"):
+        assert (out / "figures" / f"{name}.png").stat().st_size > 10_000
+    provenance = json.loads((out / "search.json").read_text())["provenance"]
+    assert provenance["settings"]["settings"]["sizes"] == [2, 4] and provenance["git"]
+
+    again = snakemake(*small, "-n")
+    assert "Nothing to be done" in again.stdout + again.stderr, again.stdout + again.stderr
+    changed = jobs(snakemake(*small[:-1], "run=pytest select={'metric': 'top1'}", "-n").stdout)
+    assert "search" not in changed and "corpus" not in changed and changed["select"] == 1
