@@ -1,7 +1,7 @@
 """Plan-search throughput, and what reusing the shared prefix (the layers before S) saves.
 
     snakemake --cores all                       # first: builds resources/default/<model>/corpus.pt
-    python benchmarks/search_speed.py [--repeats 3]
+    python benchmarks/search_speed.py [--repeats 3] [--every 4]
 
 Scores the config's plan grid on the search blocks twice per round, with the prefix reused (each
 batch runs the original once and every plan only from its start layer) and from scratch (every plan
@@ -28,6 +28,7 @@ from cqil.search import SearchSettings, score_plans
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("--config", default="config/config.yaml")
 parser.add_argument("--repeats", type=int, default=3)
+parser.add_argument("--every", type=int, default=1, help="score every n-th plan of the grid (a faster sample)")
 parser.add_argument("--out", default="results/benchmarks")
 args = parser.parse_args()
 
@@ -39,7 +40,7 @@ if not corpus.exists():
     raise SystemExit(f"{corpus} not found: run `snakemake --cores all` first")
 blocks = torch.load(corpus)[config["search"].get("split", "search")]
 settings = SearchSettings(**{k: v for k, v in config["search"].items() if k != "split"})
-plans = settings.plans(model_config["layers"])
+plans = settings.plans(model_config["layers"])[:: args.every]
 model, _ = load_model(model_config["spec"], dtype=model_config.get("dtype", "auto"))
 
 times = {"prefix reused": [], "from scratch": []}
