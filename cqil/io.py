@@ -53,7 +53,9 @@ def save_figure(fig, path) -> None:
 
     for suffix in (".png", ".pdf"):
         with atomic(Path(path).with_suffix(suffix)) as tmp:
-            fig.savefig(tmp, dpi=150, bbox_inches="tight", format=suffix[1:])
+            # no creation date in the PDF: the same data gives the same bytes
+            metadata = {"CreationDate": None} if suffix == ".pdf" else {}
+            fig.savefig(tmp, dpi=150, bbox_inches="tight", format=suffix[1:], metadata=metadata)
     plt.close(fig)
 
 
