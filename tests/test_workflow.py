@@ -127,5 +127,5 @@ def test_real_run_on_the_default_model():
 
     again = snakemake(*small, "-n")
     assert "Nothing to be done" in again.stdout + again.stderr, again.stdout + again.stderr
-    changed = jobs(snakemake(*small[:-1], "run=pytest select={'metric': 'top1'}", "-n").stdout)
+    changed = jobs(snakemake(*small, "select={'metric': 'top1'}", "-n").stdout)
     assert "search" not in changed and "corpus" not in changed and changed["select"] == 1
