@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .concurrent import apply_plan, remove_plan
 from .data import CorpusError
+from .finetune import FinetuneError
 from .models import DTYPES, ModelError, describe, load_model
 from .plan import Plan, PlanError
 
@@ -207,14 +208,37 @@ def cmd_score(args) -> None:
                           "provenance": provenance(_record(args), plan)})
 
 
+def cmd_finetune(args) -> None:
+    """LoRA + KD fine-tuning of a CQIL plan; resumes from the checkpoint in --out-dir if there is one."""
+    import pandas as pd
+
+    from . import report
+    from .finetune import FinetuneSettings, finetune
+    from .io import provenance, write_json
+
+    plan = _plan(args.plan)
+    settings = _settings(FinetuneSettings, args.settings)
+    blocks, held_out = _blocks(args.corpus, args.split), _blocks(args.corpus, args.eval_split)
+    model, _ = load_model(args.model, dtype=args.dtype)
+    summary = finetune(model, plan, blocks, settings, args.out_dir, eval_blocks=held_out)
+    write_json(args.summary, summary | {"provenance": provenance(_record(args) | {"settings": asdict(settings)}, plan)})
+    if args.figure:
+        report.loss_figure(pd.read_csv(Path(args.out_dir) / "losses.csv"), f"{plan}: fine-tuning", args.figure)
+
+
 def cmd_collect(args) -> None:
-    """Collect `cqil score` JSON files into one CSV: the original, then each plan."""
+    """Collect `cqil score` or `cqil finetune` JSON files into one CSV, a row per plan."""
     import pandas as pd
 
     from .io import write_csv
 
-    records = [json.loads(Path(path).read_text()) for path in args.scores]
-    rows = [records[0]["original"]] + [r["plan"] for r in records]
+    records = [json.loads(Path(path).read_text()) for path in args.inputs]
+    if args.kind == "scores":  # the original, then each plan
+        rows = [records[0]["original"]] + [r["plan"] for r in records]
+    else:  # held-out quality before and after fine-tuning
+        rows = [{"plan": r["plan"], "steps": r["steps"], "first_loss": r["first_loss"], "last_loss": r["last_loss"],
+                 **{f"{key}_{when}": (r[f"heldout_{when}"] or {}).get(key) for when in ("before", "after")
+                    for key in ("perplexity", "kl", "top1")}} for r in records]
     write_csv(args.out, pd.DataFrame(rows))
 
 
@@ -285,12 +309,22 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--settings", default="{}", help="JSON object of SearchSettings fields (config: search)")
         if name == "sensitivity":
             p.add_argument("--distances", type=int, nargs="+", default=[1, 2])
+    p = command(cmd_finetune, "finetune")
+    model_args(p, plan="required")
+    p.add_argument("--corpus", required=True, help="corpus file written by `cqil corpus`")
+    p.add_argument("--split", default="finetune", help="blocks to train on")
+    p.add_argument("--eval-split", default="test", help="held-out blocks for KL before/after")
+    p.add_argument("--settings", default="{}", help="JSON object of FinetuneSettings fields (config: finetune)")
+    p.add_argument("--out-dir", required=True, help="adapter/, checkpoint/ and losses.csv go here")
+    p.add_argument("--summary", required=True, help="summary JSON (losses, held-out KL before/after)")
+    p.add_argument("--figure", help="loss-curve figure path (PNG and PDF)")
     p = command(cmd_select, "select")
     p.add_argument("--search", required=True, help="search CSV")
     p.add_argument("--settings", default="{}", help="JSON object of SelectSettings fields (config: select)")
     p.add_argument("--out", required=True)
     p = command(cmd_collect, "collect")
-    p.add_argument("scores", nargs="+", help="JSON files written by `cqil score`")
+    p.add_argument("inputs", nargs="+", help="JSON files written by `cqil score` or `cqil finetune`")
+    p.add_argument("--kind", choices=["scores", "finetune"], default="scores")
     p.add_argument("--out", required=True)
     p = command(cmd_figures, "figures")
     for name in ("similarity", "sensitivity", "search", "selected"):
@@ -308,7 +342,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     try:
         args.func(args)
-    except (PlanError, ModelError, CorpusError, InputError) as err:
+    except (PlanError, ModelError, CorpusError, FinetuneError, InputError) as err:
         print(f"cqil: error: {err}", file=sys.stderr)
         sys.exit(2)
 

@@ -86,3 +86,15 @@ def frontier_figure(frame: pd.DataFrame, selected: list[str], title: str, path, 
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, ncol=2)
     save_figure(fig, path)
+
+
+def loss_figure(frame: pd.DataFrame, title: str, path) -> None:
+    """Training loss per optimizer step, with a running mean to see the trend through the noise."""
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.plot(frame["step"], frame["loss"], alpha=0.35, label="loss per step")
+    window = max(1, len(frame) // 10)
+    ax.plot(frame["step"], frame["loss"].rolling(window, min_periods=1).mean(), label=f"running mean ({window})")
+    ax.set(xlabel="optimizer step", ylabel="training loss", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save_figure(fig, path)

@@ -84,7 +84,7 @@ def test_snakemake_reports_a_bad_config_before_any_job(tmp_path):
 def test_dry_run_of_the_default():
     out = snakemake("-n", "--config", "run=dryrun").stdout
     assert jobs(out) == {"prepare_model": 1, "corpus": 1, "similarity": 1, "sensitivity": 1, "search": 1,
-                         "select": 1, "figures": 1, "selected_scores": 1, "all": 1, "total": 9}
+                         "select": 1, "figures": 1, "selected_scores": 1, "finetuned": 1, "all": 1, "total": 10}
 
 
 def test_dry_run_with_another_model(tiny_dir, tmp_path):
@@ -106,7 +106,7 @@ def test_lint():
 
 
 @pytest.mark.slow
-def test_real_run_on_the_default_model():
+def test_real_run_on_the_default_model(tmp_path):
     """The whole DAG on SmolLM2-135M with small settings; then nothing to redo; then only what a change touches."""
     small = ["--configfile", "tests/data/small.yaml", "--config", "run=pytest"]
     snakemake(*small)
@@ -122,6 +122,13 @@ def test_real_run_on_the_default_model():
     assert scores.plan.tolist() == ["original", *selected]
     for name in ("similarity_heatmap", "similarity_adjacent", "sensitivity", "frontier"):
         assert (out / "figures" / f"{name}.png").stat().st_size > 10_000
+    finetuned = pd.read_csv(out / "finetuned.csv")
+    assert finetuned.plan.tolist() == selected and (finetuned.steps == 3).all()
+    assert (finetuned.kl_before > 0).all() and finetuned.kl_after.notna().all()
+    for plan in selected:
+        assert (out / "plans" / plan / "loss.png").exists()
+        assert (ROOT / "resources" / "pytest" / "smollm2-135m" / "plans" / plan / "finetune" / "adapter"
+                / "adapter_model.safetensors").exists()
     provenance = json.loads((out / "search.json").read_text())["provenance"]
     assert provenance["settings"]["settings"]["sizes"] == [2, 4] and provenance["git"]
 
@@ -129,3 +136,8 @@ def test_real_run_on_the_default_model():
     assert "Nothing to be done" in again.stdout + again.stderr, again.stdout + again.stderr
     changed = jobs(snakemake(*small, "select={'metric': 'top1'}", "-n").stdout)
     assert "search" not in changed and "corpus" not in changed and changed["select"] == 1
+    # a fine-tuning job with several GPUs is launched by accelerate over them
+    (tmp_path / "gpus.yaml").write_text("resources:\n  finetune: {gpu: 2}\n")
+    multi = snakemake("--configfile", "tests/data/small.yaml", str(tmp_path / "gpus.yaml"), "--config", "run=pytest",
+                      "-n", "-p").stdout
+    assert "accelerate launch --num_processes 2 -m cqil --threads 2 finetune" in multi

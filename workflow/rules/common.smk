@@ -48,11 +48,21 @@ def res(rule, key):
     return {**config["resources"]["default"], **config["resources"].get(rule, {})}[key]
 
 
-def selected_scores(wildcards):
-    """The test-split scores of the plans chosen by the `select` checkpoint."""
-    selected = checkpoints.select.get(model=wildcards.model).output[0]
-    plans = json.loads(Path(selected).read_text())["plans"]
-    return expand(f"{RESULTS}/plans/{{plan}}/scores.json", model=wildcards.model, plan=plans)
+def for_selected_plans(pattern):
+    """An input function: `pattern` for each plan the `select` checkpoint chose for the model."""
+
+    def inputs(wildcards):
+        selected = checkpoints.select.get(model=wildcards.model).output[0]
+        plans = json.loads(Path(selected).read_text())["plans"]
+        return expand(pattern, model=wildcards.model, plan=plans)
+
+    return inputs
+
+
+def launcher(rule):
+    """`cqil`, or `accelerate launch` over the job's GPUs when it has more than one."""
+    gpus = res(rule, "gpu")
+    return f"accelerate launch --num_processes {gpus} -m cqil" if gpus > 1 else "cqil"
 
 
 FIGURES = ["similarity_heatmap", "similarity_adjacent", "sensitivity", "frontier"]
@@ -60,7 +70,7 @@ FIGURES = ["similarity_heatmap", "similarity_adjacent", "sensitivity", "frontier
 
 def final_targets():
     return expand(
-        [f"{RESULTS}/corpus.json", f"{RESULTS}/selected_scores.csv"]
+        [f"{RESULTS}/corpus.json", f"{RESULTS}/selected_scores.csv", f"{RESULTS}/finetuned.csv"]
         + [f"{RESULTS}/figures/{name}.png" for name in FIGURES],
         model=config["models"],
     )

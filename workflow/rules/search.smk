@@ -66,7 +66,7 @@ rule score:
 
 rule selected_scores:
     input:
-        selected_scores,
+        for_selected_plans(f"{RESULTS}/plans/{{plan}}/scores.json"),
     output:
         f"{RESULTS}/selected_scores.csv",
     log:

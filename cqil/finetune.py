@@ -1,0 +1,243 @@
+"""LoRA + knowledge distillation: teach a CQIL model to match the original (the official recipe).
+
+    summary = finetune(model, plan, train_blocks, FinetuneSettings(steps=60), out_dir, eval_blocks)
+
+Student: the model + LoRA adapters (peft) + the plan. Teacher: the same weights with the adapters
+disabled and the plan removed, so one model sits in memory and each batch costs two forwards, as in
+the official code (PAPER.md). Losses: `kd` = KL(teacher || student) at temperature T, `lm` = next-token
+cross-entropy, or `kd+lm`. A plain loop over accelerate (one CPU, one GPU, or several GPUs under
+`accelerate launch` / `torchrun`, where each rank takes its slice of every micro-batch).
+
+Resumable: every `save_every` steps the adapters, optimizer, scheduler and RNG states are saved with
+`accelerator.save_state` (to a temporary folder, then renamed); a new call with the same `out_dir`
+continues from there, and the batch order is a pure function of (seed, step), so an interrupted and
+resumed run ends with the same adapter as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from peft import LoraConfig, get_peft_model
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from .concurrent import apply_plan, planned
+from .evaluate import add_sums, log_probs, summarize, token_sums
+from .models import decoder_layers
+from .plan import Plan
+
+LOSSES = ("kd", "lm", "kd+lm")
+KD_REDUCTIONS = ("token", "official")
+ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class FinetuneError(ValueError):
+    """Fine-tuning settings that cannot run; the message is one line."""
+
+
+@dataclass
+class FinetuneSettings:
+    steps: int = 60  # optimizer steps
+    batch_size: int = 4  # blocks per micro-batch (over all ranks)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 5e-4  # peak learning rate (official: 1e-4 for 8000 steps)
+    schedule: str = "linear"  # any transformers scheduler name: linear, cosine, constant, ...
+    warmup_steps: int = 0
+    weight_decay: float = 0.1
+    max_grad_norm: float | None = None  # None: no clipping (official)
+    loss: str = "kd"  # kd | lm | kd+lm
+    lm_weight: float = 1.0  # weight of the lm term in kd+lm
+    temperature: float = 1.0  # KD temperature T; the KD term is scaled by T^2
+    kd_reduction: str = "token"  # token: mean over tokens | official: sum over positions and vocab / batch
+    lora_r: int = 32
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_layers: str = "all"  # all (official) | grouped: only the layers inside [S, E)
+    target_modules: list = field(default_factory=lambda: list(ALL_TARGETS))
+    seed: int = 42
+    save_every: int = 20  # steps between resumable checkpoints
+    mixed_precision: str = "auto"  # auto: bf16 on a GPU that has it, else none | no | bf16 | fp16
+
+    def __post_init__(self):
+        if self.loss not in LOSSES:
+            raise FinetuneError(f"finetune loss={self.loss!r}: allowed are {', '.join(LOSSES)}")
+        if self.kd_reduction not in KD_REDUCTIONS:
+            raise FinetuneError(f"finetune kd_reduction={self.kd_reduction!r}: allowed are {', '.join(KD_REDUCTIONS)}")
+        if self.lora_layers not in ("all", "grouped"):
+            raise FinetuneError(f"finetune lora_layers={self.lora_layers!r}: allowed are all, grouped")
+        if min(self.steps, self.batch_size, self.grad_accum, self.save_every) < 1:
+            raise FinetuneError("finetune steps, batch_size, grad_accum and save_every must be >= 1")
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float, reduction: str) -> torch.Tensor:
+    """KL(teacher || student) over the vocabulary at temperature T, times T^2; logits (B, T, V)."""
+    s = F.log_softmax(student.float() / temperature, dim=-1)
+    t = F.log_softmax(teacher.float() / temperature, dim=-1)
+    kl = F.kl_div(s, t, log_target=True, reduction="sum") * temperature**2
+    return kl / (student.shape[0] * student.shape[1] if reduction == "token" else student.shape[0])
+
+
+def lora_config(plan: Plan, num_layers: int, settings: FinetuneSettings) -> LoraConfig:
+    layers = list(range(plan.start, plan.end)) if settings.lora_layers == "grouped" else list(range(num_layers))
+    return LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
+                      target_modules=settings.target_modules, layers_to_transform=layers, task_type="CAUSAL_LM")
+
+
+def student_loss(student, input_ids: torch.Tensor, settings: FinetuneSettings, forward=None) -> torch.Tensor:
+    """The training loss of one micro-batch (B, T): the teacher is the same model, adapters and plan off.
+
+    `forward` is the student as the trainer wraps it (DDP under several processes), `student` the peft model.
+    """
+    logits = (forward or student)(input_ids=input_ids).logits
+    loss = 0.0
+    if "kd" in settings.loss:
+        with torch.no_grad(), student.disable_adapter(), planned(student, None):
+            teacher = student(input_ids=input_ids).logits
+        loss = loss + kd_loss(logits, teacher, settings.temperature, settings.kd_reduction)
+    if "lm" in settings.loss:
+        weight = settings.lm_weight if settings.loss == "kd+lm" else 1.0
+        loss = loss + weight * F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten())
+    return loss
+
+
+@torch.inference_mode()
+def divergence(student, blocks: torch.Tensor, batch_size: int = 4) -> dict:
+    """Perplexity, KL(original || student) and top-1 agreement of the student on held-out blocks."""
+    total = {}
+    device = next(student.parameters()).device
+    for batch in blocks.split(batch_size):
+        batch = batch.to(device)
+        with student.disable_adapter(), planned(student, None):
+            reference = log_probs(student(input_ids=batch).logits)
+        total = add_sums(total, token_sums(log_probs(student(input_ids=batch).logits), batch, reference))
+    return summarize(total)
+
+
+def micro_batch(n_blocks: int, settings: FinetuneSettings, step: int, micro: int) -> torch.Tensor:
+    """Block indices of micro-batch `micro` of step `step`: epochs are seeded permutations of the blocks,
+    read in order, so the batches of any step are known without replaying the steps before it."""
+    first = (step * settings.grad_accum + micro) * settings.batch_size
+    return torch.tensor([_epoch_order(n_blocks, settings.seed, q // n_blocks)[q % n_blocks]
+                         for q in range(first, first + settings.batch_size)])
+
+
+@functools.lru_cache(maxsize=8)
+def _epoch_order(n_blocks: int, seed: int, epoch: int) -> list[int]:
+    return torch.randperm(n_blocks, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+
+
+def _mixed_precision(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def finetune(model, plan: Plan, blocks: torch.Tensor, settings: FinetuneSettings, out_dir,
+             eval_blocks: torch.Tensor | None = None, checkpoint_dir=None) -> dict:
+    """Fine-tune LoRA adapters for `plan`; writes `out_dir`/adapter (peft format) and losses.csv.
+
+    Returns the summary: steps, seconds, first and last loss, and held-out divergence before/after.
+    """
+    out_dir = Path(out_dir)
+    checkpoint = Path(checkpoint_dir or out_dir / "checkpoint")
+    accelerator = Accelerator(mixed_precision=_mixed_precision(settings.mixed_precision), cpu=not torch.cuda.is_available())
+    set_seed(settings.seed)
+    apply_plan(model, plan)
+    student = get_peft_model(model, lora_config(plan, len(decoder_layers(model)), settings))
+    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=settings.lr,
+                                  weight_decay=settings.weight_decay)
+    scheduler = get_scheduler(settings.schedule, optimizer, num_warmup_steps=settings.warmup_steps,
+                              num_training_steps=settings.steps)
+    student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
+    inner = accelerator.unwrap_model(student)
+
+    losses_path = out_dir / "losses.csv"
+    start = 0
+    old = checkpoint.with_name(checkpoint.name + ".old")
+    if not (checkpoint / "step.json").exists() and (old / "step.json").exists() and accelerator.is_main_process:
+        os.replace(old, checkpoint)  # killed while swapping checkpoints: the previous one is whole
+    accelerator.wait_for_everyone()
+    if (checkpoint / "step.json").exists():  # resume
+        accelerator.load_state(str(checkpoint))
+        start = json.loads((checkpoint / "step.json").read_text())["step"]
+        accelerator.print(f"resuming from step {start} ({checkpoint})")
+    before = divergence(inner, eval_blocks) if eval_blocks is not None and start == 0 else None
+    rows = _read_losses(losses_path)[:start]
+
+    student.train()
+    began = time.perf_counter()
+    bar = tqdm(range(start, settings.steps), desc=f"finetune {plan}", disable=not accelerator.is_main_process)
+    for step in bar:
+        total = 0.0
+        for micro in range(settings.grad_accum):
+            ids = blocks[micro_batch(len(blocks), settings, step, micro)]
+            ids = ids[accelerator.process_index:: accelerator.num_processes].to(accelerator.device)
+            loss = student_loss(inner, ids, settings, forward=student) / settings.grad_accum
+            accelerator.backward(loss)
+            total += loss.item()
+        if settings.max_grad_norm:
+            accelerator.clip_grad_norm_(student.parameters(), settings.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        rows.append({"step": step + 1, "loss": total, "lr": scheduler.get_last_lr()[0]})
+        bar.set_postfix(loss=f"{total:.4f}")
+        if (step + 1) % settings.save_every == 0 or step + 1 == settings.steps:
+            _save_checkpoint(accelerator, checkpoint, step + 1, rows, losses_path)
+    student.eval()
+    seconds = time.perf_counter() - began
+
+    if accelerator.is_main_process:
+        _save_adapter(inner, out_dir / "adapter")
+    after = divergence(inner, eval_blocks) if eval_blocks is not None else None
+    summary = {"plan": str(plan), "steps": settings.steps, "resumed_at": start, "seconds_this_run": seconds,
+               "first_loss": rows[0]["loss"] if rows else None, "last_loss": rows[-1]["loss"] if rows else None,
+               "heldout_before": before, "heldout_after": after, "settings": asdict(settings)}
+    return summary
+
+
+def _read_losses(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path) as f:
+        return [{"step": int(r["step"]), "loss": float(r["loss"]), "lr": float(r["lr"])} for r in csv.DictReader(f)]
+
+
+def _save_checkpoint(accelerator, checkpoint: Path, step: int, rows: list[dict], losses_path: Path) -> None:
+    """Resumable state, written beside its final place and swapped in, so a kill never leaves half a checkpoint."""
+    staged = checkpoint.with_name(checkpoint.name + ".tmp")
+    accelerator.save_state(str(staged))
+    if accelerator.is_main_process:
+        (staged / "step.json").write_text(json.dumps({"step": step}))
+        losses_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(losses_path.with_suffix(".tmp"), "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["step", "loss", "lr"])
+            writer.writeheader()
+            writer.writerows(rows)
+        old = checkpoint.with_name(checkpoint.name + ".old")
+        if checkpoint.exists():
+            os.replace(checkpoint, old)
+        os.replace(staged, checkpoint)
+        os.replace(losses_path.with_suffix(".tmp"), losses_path)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _save_adapter(student, target: Path) -> None:
+    staged = target.with_name(target.name + ".tmp")
+    shutil.rmtree(staged, ignore_errors=True)
+    student.save_pretrained(staged)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(staged, target)

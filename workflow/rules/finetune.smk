@@ -1,0 +1,42 @@
+rule finetune:
+    input:
+        rules.corpus.output.blocks,
+    output:
+        adapter=directory(f"{RESOURCES}/plans/{{plan}}/finetune/adapter"),
+        summary=f"{RESULTS}/plans/{{plan}}/finetune.json",
+        figure=f"{RESULTS}/plans/{{plan}}/loss.png",
+    params:
+        spec=spec,
+        dtype=dtype,
+        split=config["finetune"].get("split", "finetune"),
+        eval_split=config["finetune"].get("eval_split", "test"),
+        settings=settings("finetune", drop=("split", "eval_split")),
+        out_dir=f"{RESOURCES}/plans/{{plan}}/finetune",  # the checkpoint here survives a killed job
+        launcher=launcher("finetune"),
+    log:
+        f"logs/{config['run']}/finetune/{{model}}/{{plan}}.log",
+    benchmark:
+        f"logs/{config['run']}/finetune/{{model}}/{{plan}}.benchmark.tsv"
+    threads: res("finetune", "threads")
+    resources:
+        mem_mb=res("finetune", "mem_mb"),
+        runtime=res("finetune", "runtime"),
+        gpu=res("finetune", "gpu"),
+    shell:
+        "{params.launcher} --threads {threads} finetune --model {params.spec:q} --dtype {params.dtype}"
+        " --plan {wildcards.plan} --corpus {input} --split {params.split} --eval-split {params.eval_split}"
+        " --settings {params.settings} --out-dir {params.out_dir} --summary {output.summary}"
+        " --figure {output.figure} > {log} 2>&1"
+
+
+# One row per fine-tuned plan: held-out perplexity, KL and top-1 agreement before and after.
+rule finetuned:
+    input:
+        for_selected_plans(f"{RESULTS}/plans/{{plan}}/finetune.json"),
+    output:
+        f"{RESULTS}/finetuned.csv",
+    log:
+        log_path("finetuned"),
+    threads: 1
+    shell:
+        "cqil collect --kind finetune {input} --out {output} > {log} 2>&1"
