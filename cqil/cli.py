@@ -226,6 +226,59 @@ def cmd_finetune(args) -> None:
         report.loss_figure(pd.read_csv(Path(args.out_dir) / "losses.csv"), f"{plan}: fine-tuning", args.figure)
 
 
+def cmd_evaluate(args) -> None:
+    """lm-eval tasks on the original, a CQIL plan, or a plan with its fine-tuned adapter (JSON)."""
+    import tempfile
+
+    from .evaluate import build_corpus_tasks, lm_eval_tasks, render_tasks
+    from .io import provenance, write_json
+
+    plan = _plan(args.plan)
+    if args.adapter and not plan:
+        raise InputError("--adapter needs --plan: adapters are trained for a plan")
+    if args.data_dir and not Path(args.data_dir).is_dir():
+        raise InputError(f"--data-dir {args.data_dir!r}: not a directory")
+    blocks = _blocks(args.corpus, args.split)
+    model, tokenizer = load_model(args.model, plan=plan, dtype=args.dtype)
+    if args.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, args.adapter).merge_and_unload()  # the plan stays applied
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus_tasks = build_corpus_tasks(blocks, tokenizer, Path(tmp) / "corpus", choices=args.cloze_choices)
+        include = render_tasks(Path(tmp) / "tasks", data_dir=args.data_dir, corpus_tasks=corpus_tasks)
+        missing = sorted(set(args.tasks) - {p.stem for p in include.glob("*.yaml")})
+        if missing:
+            raise InputError(f"--tasks {', '.join(missing)}: not among the local tasks "
+                             f"{', '.join(sorted(p.stem for p in include.glob('*.yaml')))} (set --data-dir?)")
+        results = lm_eval_tasks(model, tokenizer, args.tasks, include, limit=args.limit, batch_size=args.batch_size)
+    stage = "finetuned" if args.adapter else "zeroshot" if plan else "original"
+    write_json(args.out, {"plan": str(plan) if plan else "original", "stage": stage, "results": results,
+                          "provenance": provenance(_record(args), plan)})
+
+
+def cmd_quality(args) -> None:
+    """The quality table: original and each plan, zero-shot and fine-tuned, per task (CSV + Markdown)."""
+    import pandas as pd
+
+    from .io import atomic, write_csv
+
+    rows = []
+    for path in args.inputs:
+        record = json.loads(Path(path).read_text())
+        for task, metrics in record["results"].items():
+            for metric in args.metrics:
+                if metric in metrics:
+                    rows.append({"plan": record["plan"], "stage": record["stage"], "task": task, "metric": metric,
+                                 "value": metrics[metric], "stderr": metrics.get(f"{metric}_stderr")})
+    long = pd.DataFrame(rows)
+    write_csv(args.out, long)
+    table = long.assign(column=long.task + " " + long.metric).pivot_table(
+        index=["plan", "stage"], columns="column", values="value", sort=False)
+    with atomic(Path(args.out).with_suffix(".md")) as tmp:
+        tmp.write_text(table.reset_index().to_markdown(index=False, floatfmt=".4g") + "\n")
+
+
 def cmd_collect(args) -> None:
     """Collect `cqil score` or `cqil finetune` JSON files into one CSV, a row per plan."""
     import pandas as pd
@@ -322,6 +375,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search", required=True, help="search CSV")
     p.add_argument("--settings", default="{}", help="JSON object of SelectSettings fields (config: select)")
     p.add_argument("--out", required=True)
+    p = command(cmd_evaluate, "evaluate")
+    model_args(p)
+    p.add_argument("--adapter", help="peft adapter directory written by `cqil finetune` (needs --plan)")
+    p.add_argument("--corpus", required=True, help="corpus file: its --split blocks become the cqil_* tasks")
+    p.add_argument("--split", default="test")
+    p.add_argument("--tasks", nargs="+", default=["cqil_heldout", "cqil_cloze"])
+    p.add_argument("--data-dir", help="evaluation data in the layout of ../shared/data (for the *_local tasks)")
+    p.add_argument("--limit", type=int, help="documents per task (default: all)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--cloze-choices", type=int, default=4)
+    p.add_argument("--out", required=True)
+    p = command(cmd_quality, "quality")
+    p.add_argument("inputs", nargs="+", help="JSON files written by `cqil evaluate`")
+    p.add_argument("--metrics", nargs="+", default=["acc", "acc_norm", "word_perplexity"])
+    p.add_argument("--out", required=True, help="CSV (long format); a Markdown table is written beside it")
     p = command(cmd_collect, "collect")
     p.add_argument("inputs", nargs="+", help="JSON files written by `cqil score` or `cqil finetune`")
     p.add_argument("--kind", choices=["scores", "finetune"], default="scores")

@@ -96,11 +96,13 @@ def render_tasks(out_dir, data_dir=None, corpus_tasks=None) -> Path:
 def build_corpus_tasks(blocks: torch.Tensor, tokenizer, out_dir, choices: int = 4, seed: int = 0) -> Path:
     """Two lm-eval tasks from held-out token blocks (B, T), needing no outside data:
     heldout.jsonl (each block's text, for rolling perplexity) and cloze.jsonl (each block's first half,
-    its true second half and `choices - 1` second halves of other blocks, in a seeded order)."""
+    its true second half and `choices - 1` second halves of other blocks, in a seeded order; at most as
+    many choices as there are blocks)."""
     import json
     import random
 
     rng = random.Random(seed)
+    choices = min(choices, len(blocks))  # a tiny test split cannot offer more distractors than it has blocks
     half = blocks.shape[1] // 2
     firsts = [tokenizer.decode(b[:half]) for b in blocks]
     seconds = [tokenizer.decode(b[half:]) for b in blocks]

@@ -23,6 +23,7 @@ def log_path(rule, suffix="log"):
 wildcard_constraints:
     model="|".join(map(re.escape, config["models"])),
     plan=r"S\d+-E\d+-P\d+-D\d+(-official)?",
+    variant=r"original|S\d+-E\d+-P\d+-D\d+(-official)?(-finetuned)?",
 
 
 def spec(wildcards):
@@ -59,6 +60,31 @@ def for_selected_plans(pattern):
     return inputs
 
 
+def variant_inputs(wildcards):
+    """What `cqil evaluate` reads for a variant: the corpus, and the adapter of a fine-tuned plan."""
+    inputs = {"corpus": expand(f"{RESOURCES}/corpus.pt", model=wildcards.model)}
+    if wildcards.variant.endswith("-finetuned"):
+        plan = wildcards.variant.removesuffix("-finetuned")
+        inputs["adapter"] = expand(f"{RESOURCES}/plans/{plan}/finetune/adapter", model=wildcards.model)
+    return inputs
+
+
+def variant_args(wildcards, input):
+    """--plan and --adapter of a variant: original, <plan> (zero-shot) or <plan>-finetuned."""
+    if wildcards.variant == "original":
+        return ""
+    plan = wildcards.variant.removesuffix("-finetuned")
+    return f"--plan {plan}" + (f" --adapter {input.adapter}" if "adapter" in input.keys() else "")
+
+
+def evaluate_options():
+    """The optional flags of `cqil evaluate` that the config sets."""
+    section = config["evaluate"]
+    flags = [f"--data-dir {shlex.quote(str(Path(section['data_dir']).resolve()))}" if section.get("data_dir") else "",
+             f"--limit {section['limit']}" if section.get("limit") else ""]
+    return " ".join(flag for flag in flags if flag)
+
+
 def launcher(rule):
     """`cqil`, or `accelerate launch` over the job's GPUs when it has more than one."""
     gpus = res(rule, "gpu")
@@ -70,7 +96,7 @@ FIGURES = ["similarity_heatmap", "similarity_adjacent", "sensitivity", "frontier
 
 def final_targets():
     return expand(
-        [f"{RESULTS}/corpus.json", f"{RESULTS}/selected_scores.csv", f"{RESULTS}/finetuned.csv"]
+        [f"{RESULTS}/corpus.json", f"{RESULTS}/selected_scores.csv", f"{RESULTS}/finetuned.csv", f"{RESULTS}/quality.csv"]
         + [f"{RESULTS}/figures/{name}.png" for name in FIGURES],
         model=config["models"],
     )
