@@ -129,7 +129,9 @@ def lm_eval_tasks(model, tokenizer, tasks: list[str], include_path, limit: int |
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
               device=str(next(model.parameters()).device))
-    manager = TaskManager(include_path=str(include_path), include_defaults=False)  # no 13 s scan of 200 dirs
+    local = {path.stem for path in Path(include_path).glob("*.yaml")}
+    # lm-eval's own tasks (sciq, winogrande, ... from the Hub) only when asked: scanning them takes 13 s
+    manager = TaskManager(include_path=str(include_path), include_defaults=not set(tasks) <= local)
     out = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
                           bootstrap_iters=1000, random_seed=0, numpy_random_seed=0, torch_random_seed=0)
     return {task: {key.replace(",none", ""): value for key, value in metrics.items() if key != "alias"}

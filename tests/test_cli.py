@@ -62,3 +62,13 @@ def test_bad_input_is_one_line(capsys, tiny_dir, tmp_path, argv, message):
         argv += ["--model", str(tiny_dir)]
     code, _, err = run(capsys, *argv)
     assert code == 2 and err.count("\n") == 1 and err.startswith("cqil: error: ") and message in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--adapter", "somewhere"], "--adapter needs --plan"),
+    (["--tasks", "arc_easy_local"], "--tasks arc_easy_local: local tasks need --data-dir"),
+    (["--data-dir", "nowhere"], "--data-dir 'nowhere': not a directory"),
+])
+def test_evaluate_input_is_checked_before_loading(capsys, tiny_dir, argv, message):
+    code, _, err = run(capsys, "evaluate", "--model", str(tiny_dir), "--corpus", "corpus.pt", "--out", "x.json", *argv)
+    assert code == 2 and err.count("\n") == 1 and message in err
