@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from transformers.masking_utils import create_causal_mask
 
-from conftest import tiny_config, tiny_model
+from conftest import tiny_model
 from cqil import Plan, PlanError, apply_plan, load_model, remove_plan
 
 PLANS = ["S2-E6-P2-D0", "S2-E6-P2-D1", "S2-E6-P2-D1-official", "S1-E5-P4-D0", "S1-E5-P4-D1",
@@ -89,7 +89,7 @@ def test_empty_and_one_layer_groups_are_the_original(family, name):
 def test_group_of_one_layer_is_the_layer():
     # P=1 plans skip the grouped forward; the mechanism itself also reduces to the layer (float64).
     from cqil.concurrent import group_forward
-    model, ids = tiny_model(), ids_batch()
+    model = tiny_model()
     layer, h = model.model.layers[3], torch.randn(2, 7, 64, dtype=torch.float64)
     pos = torch.arange(7)[None]
     kw = dict(position_embeddings=model.model.rotary_emb(h, position_ids=pos), attention_mask=None)

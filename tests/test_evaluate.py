@@ -5,7 +5,7 @@ import os
 import pytest
 
 from conftest import SHARED_DATA
-from cqil.evaluate import TASKS, lm_eval_tasks, render_tasks
+from cqil.evaluate import lm_eval_tasks, render_tasks
 
 pytestmark = pytest.mark.skipif(not SHARED_DATA.exists(), reason="../shared/data sits beside the checkout in CI")
 
