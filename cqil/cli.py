@@ -261,14 +261,22 @@ def cmd_quality(args) -> None:
 
     from .io import atomic, write_csv
 
-    rows = []
+    def rows_of(plan, stage, task, metrics, names):
+        return [{"plan": plan, "stage": stage, "task": task, "metric": name, "value": metrics[name],
+                 "stderr": metrics.get(f"{name}_stderr")} for name in names if name in metrics]
+
+    rows, heldout = [], ("perplexity", "kl", "top1")  # on the corpus's held-out blocks, against the original
+    for i, path in enumerate(args.scores):
+        record = json.loads(Path(path).read_text())
+        rows += rows_of("original", "original", "heldout", record["original"], heldout) if i == 0 else []
+        rows += rows_of(record["plan"]["plan"], "zeroshot", "heldout", record["plan"], heldout)
+    for path in args.finetune:
+        record = json.loads(Path(path).read_text())
+        rows += rows_of(record["plan"], "finetuned", "heldout", record["heldout_after"] or {}, heldout)
     for path in args.inputs:
         record = json.loads(Path(path).read_text())
         for task, metrics in record["results"].items():
-            for metric in args.metrics:
-                if metric in metrics:
-                    rows.append({"plan": record["plan"], "stage": record["stage"], "task": task, "metric": metric,
-                                 "value": metrics[metric], "stderr": metrics.get(f"{metric}_stderr")})
+            rows += rows_of(record["plan"], record["stage"], task, metrics, args.metrics)
     long = pd.DataFrame(rows)
     write_csv(args.out, long)
     table = long.assign(column=long.task + " " + long.metric).pivot_table(
@@ -386,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p = command(cmd_quality, "quality")
     p.add_argument("inputs", nargs="+", help="JSON files written by `cqil evaluate`")
+    p.add_argument("--scores", nargs="*", default=[], help="`cqil score` JSON files: held-out quality, zero-shot")
+    p.add_argument("--finetune", nargs="*", default=[], help="`cqil finetune` JSON files: held-out quality after")
     p.add_argument("--metrics", nargs="+", default=["acc", "acc_norm", "word_perplexity"])
     p.add_argument("--out", required=True, help="CSV (long format); a Markdown table is written beside it")
     p = command(cmd_collect, "collect")

@@ -9,7 +9,8 @@ from cqil.evaluate import lm_eval_tasks, render_tasks
 
 pytestmark = pytest.mark.skipif(not SHARED_DATA.exists(), reason="../shared/data sits beside the checkout in CI")
 
-ROWS = {"arc_easy_local": 2376, "arc_challenge_local": 1172, "winogrande_local": 1267, "mmlu_local": 14042}
+ROWS = {"arc_easy_local": 2376, "arc_challenge_local": 1172, "winogrande_local": 1267, "mmlu_local": 14042,
+        "piqa_local": 1838, "boolq_local": 3270, "openbookqa_local": 500}
 
 
 @pytest.fixture(autouse=True)
@@ -35,6 +36,8 @@ def test_task_yamls_load_offline(tmp_path):
         docs = list(task.test_docs() if task.has_test_docs() else task.validation_docs())
         assert len(docs) == rows
         assert len(task.doc_to_choice(docs[0])) >= 2
+        target, text = task.doc_to_target(docs[0]), task.doc_to_text(docs[0])
+        assert (isinstance(text, str) and text.strip() and isinstance(target, int)) or name == "winogrande_local"
     assert tasks["mmlu_local"].config.num_fewshot == 5 and len(list(tasks["mmlu_local"].fewshot_docs())) == 285
 
 

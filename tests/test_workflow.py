@@ -84,8 +84,8 @@ def test_snakemake_reports_a_bad_config_before_any_job(tmp_path):
 def test_dry_run_of_the_default():
     out = snakemake("-n", "--config", "run=dryrun").stdout
     assert jobs(out) == {"prepare_model": 1, "corpus": 1, "similarity": 1, "sensitivity": 1, "search": 1,
-                         "select": 1, "figures": 1, "selected_scores": 1, "finetuned": 1, "evaluate": 1,
-                         "quality": 1, "all": 1, "total": 12}
+                         "select": 1, "figures": 1, "selected_scores": 1, "finetuned": 1,
+                         "quality": 1, "all": 1, "total": 11}  # per-plan jobs appear once `select` has run
 
 
 def test_dry_run_with_another_model(tiny_dir, tmp_path):
@@ -133,7 +133,9 @@ def test_real_run_on_the_default_model(tmp_path):
     quality = pd.read_csv(out / "quality.csv")
     variants = set(zip(quality.plan, quality.stage))
     assert variants == {("original", "original")} | {(p, s) for p in selected for s in ("zeroshot", "finetuned")}
-    assert set(quality.task) == {"cqil_heldout", "cqil_cloze"} and (out / "quality.md").exists()
+    assert set(quality.task) == {"heldout", "cqil_heldout", "cqil_cloze"} and (out / "quality.md").exists()
+    heldout = quality[(quality.task == "heldout") & (quality.metric == "kl")].set_index(["plan", "stage"]).value
+    assert heldout[("original", "original")] == 0 and len(heldout) == 1 + 2 * len(selected)
     provenance = json.loads((out / "search.json").read_text())["provenance"]
     assert provenance["settings"]["settings"]["sizes"] == [2, 4] and provenance["git"]
 

@@ -49,15 +49,21 @@ def res(rule, key):
     return {**config["resources"]["default"], **config["resources"].get(rule, {})}[key]
 
 
-def for_selected_plans(pattern):
-    """An input function: `pattern` for each plan the `select` checkpoint chose for the model."""
+def for_selected_plans(*patterns):
+    """An input function: each of `patterns` for each plan the `select` checkpoint chose for the model."""
 
     def inputs(wildcards):
         selected = checkpoints.select.get(model=wildcards.model).output[0]
         plans = json.loads(Path(selected).read_text())["plans"]
-        return expand(pattern, model=wildcards.model, plan=plans)
+        return [path for pattern in patterns for path in expand(pattern, model=wildcards.model, plan=plans)]
 
     return inputs
+
+
+def evaluations(wildcards):
+    """The lm-eval results of the original and of each selected plan, zero-shot and fine-tuned."""
+    plans = for_selected_plans(f"{RESULTS}/eval/{{plan}}.json", f"{RESULTS}/eval/{{plan}}-finetuned.json")
+    return expand(f"{RESULTS}/eval/original.json", model=wildcards.model) + plans(wildcards)
 
 
 def variant_inputs(wildcards):

@@ -30,9 +30,9 @@ rule evaluate:
 
 rule quality:
     input:
-        f"{RESULTS}/eval/original.json",
-        for_selected_plans(f"{RESULTS}/eval/{{plan}}.json"),
-        for_selected_plans(f"{RESULTS}/eval/{{plan}}-finetuned.json"),
+        evals=evaluations,
+        scores=for_selected_plans(f"{RESULTS}/plans/{{plan}}/scores.json"),
+        finetune=for_selected_plans(f"{RESULTS}/plans/{{plan}}/finetune.json"),
     output:
         table=f"{RESULTS}/quality.csv",
         markdown=f"{RESULTS}/quality.md",
@@ -40,4 +40,5 @@ rule quality:
         log_path("quality"),
     threads: 1
     shell:
-        "cqil quality {input} --out {output.table} > {log} 2>&1"
+        "cqil quality {input.evals} --scores {input.scores} --finetune {input.finetune}"
+        " --out {output.table} > {log} 2>&1"
