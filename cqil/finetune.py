@@ -5,8 +5,9 @@
 Student: the model + LoRA adapters (peft) + the plan. Teacher: the same weights with the adapters
 disabled and the plan removed, so one model sits in memory and each batch costs two forwards, as in
 the official code (PAPER.md). Losses: `kd` = KL(teacher || student) at temperature T, `lm` = next-token
-cross-entropy, or `kd+lm`. A plain loop over accelerate (one CPU, one GPU, or several GPUs under
-`accelerate launch` / `torchrun`, where each rank takes its slice of every micro-batch).
+cross-entropy, or `kd+lm`. A plain loop over accelerate (one CPU, one GPU, or several processes under
+`torchrun` / `accelerate launch`, where each rank takes its slice of every micro-batch and DDP averages
+the gradients).
 
 Resumable: every `save_every` steps the adapters, optimizer, scheduler and RNG states are saved with
 `accelerator.save_state` (to a temporary folder, then renamed); a new call with the same `out_dir`
@@ -160,7 +161,9 @@ def finetune(model, plan: Plan, blocks: torch.Tensor, settings: FinetuneSettings
                                   weight_decay=settings.weight_decay)
     scheduler = get_scheduler(settings.schedule, optimizer, num_warmup_steps=settings.warmup_steps,
                               num_training_steps=settings.steps)
-    student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
+    # The scheduler stays outside `prepare`: accelerate's wrapper steps it once per process per step.
+    student, optimizer = accelerator.prepare(student, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
     inner = accelerator.unwrap_model(student)
 
     losses_path = out_dir / "losses.csv"
@@ -187,6 +190,7 @@ def finetune(model, plan: Plan, blocks: torch.Tensor, settings: FinetuneSettings
             loss = student_loss(inner, ids, settings, forward=student) / settings.grad_accum
             accelerator.backward(loss)
             total += loss.item()
+        total = accelerator.reduce(torch.tensor(total, device=accelerator.device), reduction="mean").item()
         if settings.max_grad_norm:
             accelerator.clip_grad_norm_(student.parameters(), settings.max_grad_norm)
         optimizer.step()
@@ -218,7 +222,12 @@ def _read_losses(path: Path) -> list[dict]:
 def _save_checkpoint(accelerator, checkpoint: Path, step: int, rows: list[dict], losses_path: Path) -> None:
     """Resumable state, written beside its final place and swapped in, so a kill never leaves half a checkpoint."""
     staged = checkpoint.with_name(checkpoint.name + ".tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(staged, ignore_errors=True)
+        staged.mkdir(parents=True)
+    accelerator.wait_for_everyone()  # every rank writes its own RNG state into the staged folder
     accelerator.save_state(str(staged))
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (staged / "step.json").write_text(json.dumps({"step": step}))
         losses_path.parent.mkdir(parents=True, exist_ok=True)

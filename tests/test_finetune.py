@@ -97,3 +97,24 @@ def test_resume_after_a_kill_reaches_the_same_adapter(tiny_dir, tmp_path):
         torch.testing.assert_close(resumed[name], straight[name], rtol=1e-5, atol=1e-6)
     losses = (tmp_path / "killed" / "losses.csv").read_text().splitlines()
     assert len(losses) == 401 and losses == (tmp_path / "straight" / "losses.csv").read_text().splitlines()
+
+
+def test_two_processes_match_one(tiny_dir, tmp_path):
+    """torchrun with 2 CPU processes (gloo DDP, half of each micro-batch per rank) == one process."""
+    torch.save({"finetune": torch.randint(3, 96, (12, 16), generator=torch.Generator().manual_seed(1)),
+                "test": IDS}, tmp_path / "corpus.pt")
+    settings = json.dumps({"steps": 6, "batch_size": 4, "save_every": 3, "lora_r": 4})
+
+    def run(launcher, name):
+        subprocess.run([*launcher, "-m", "cqil", "--threads", "1", "finetune", "--model", str(tiny_dir),
+                        "--plan", "S2-E6-P2-D0", "--corpus", str(tmp_path / "corpus.pt"), "--settings", settings,
+                        "--out-dir", str(tmp_path / name), "--summary", str(tmp_path / f"{name}.json")],
+                       check=True, capture_output=True, timeout=300)
+        return load_file(tmp_path / name / "adapter" / "adapter_model.safetensors")
+
+    one = run([sys.executable], "one")
+    two = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"], "two")
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5)
+    lr = [line.split(",")[2] for line in (tmp_path / "two" / "losses.csv").read_text().splitlines()[1:]]
+    assert lr == [line.split(",")[2] for line in (tmp_path / "one" / "losses.csv").read_text().splitlines()[1:]]

@@ -143,8 +143,8 @@ def test_real_run_on_the_default_model(tmp_path):
     assert "Nothing to be done" in again.stdout + again.stderr, again.stdout + again.stderr
     changed = jobs(snakemake(*small, "select={'metric': 'top1'}", "-n").stdout)
     assert "search" not in changed and "corpus" not in changed and changed["select"] == 1
-    # a fine-tuning job with several GPUs is launched by accelerate over them
+    # a fine-tuning job with several GPUs is launched by torchrun, a process per GPU
     (tmp_path / "gpus.yaml").write_text("resources:\n  finetune: {gpu: 2}\n")
     multi = snakemake("--configfile", "tests/data/small.yaml", str(tmp_path / "gpus.yaml"), "--config", "run=pytest",
                       "-n", "-p").stdout
-    assert "accelerate launch --num_processes 2 -m cqil --threads 2 finetune" in multi
+    assert "torchrun --standalone --nproc_per_node 2 -m cqil --threads 2 finetune" in multi

@@ -92,9 +92,9 @@ def evaluate_options():
 
 
 def launcher(rule):
-    """`cqil`, or `accelerate launch` over the job's GPUs when it has more than one."""
+    """`cqil`, or `torchrun` with one process per GPU when the job has more than one."""
     gpus = res(rule, "gpu")
-    return f"accelerate launch --num_processes {gpus} -m cqil" if gpus > 1 else "cqil"
+    return f"torchrun --standalone --nproc_per_node {gpus} -m cqil" if gpus > 1 else "cqil"
 
 
 FIGURES = ["similarity_heatmap", "similarity_adjacent", "sensitivity", "frontier"]
