@@ -60,9 +60,10 @@ def _blocks(path: str, split: str):
     return torch.load(path)[split]
 
 
-def _record(args) -> dict:
-    """The command's own arguments: the settings part of every artifact's provenance."""
-    return {k: v for k, v in vars(args).items() if k != "func"}
+def _record(args, settings=None) -> dict:
+    """The command's own arguments (with its parsed settings): the settings part of an artifact's provenance."""
+    record = {k: v for k, v in vars(args).items() if k != "func"}
+    return record | {"settings": asdict(settings)} if settings is not None else record
 
 
 def cmd_info(args) -> None:
@@ -122,7 +123,7 @@ def cmd_corpus(args) -> None:
     blocks, summary = build_corpus(args.model, settings)
     with atomic(args.out) as tmp:
         torch.save(blocks, tmp)
-    write_json(args.summary, summary | {"provenance": provenance(_record(args) | {"settings": asdict(settings)})})
+    write_json(args.summary, summary | {"provenance": provenance(_record(args, settings))})
 
 
 def cmd_similarity(args) -> None:
@@ -176,7 +177,7 @@ def cmd_search(args) -> None:
     write_csv(args.out, pd.DataFrame(rows))
     write_json(Path(args.out).with_suffix(".json"), {
         "plans": len(plans), "blocks": len(blocks), "seconds": seconds, "plans_per_minute": 60 * len(plans) / seconds,
-        "provenance": provenance(_record(args) | {"settings": asdict(settings)})})
+        "provenance": provenance(_record(args, settings))})
 
 
 def cmd_select(args) -> None:
@@ -192,7 +193,7 @@ def cmd_select(args) -> None:
     if not chosen:
         raise InputError(f"select: no plan of {args.search} passes the rule {asdict(settings)}")
     write_json(args.out, {"plans": chosen, "rule": asdict(settings),
-                          "provenance": provenance(_record(args) | {"settings": asdict(settings)})})
+                          "provenance": provenance(_record(args, settings))})
 
 
 def cmd_score(args) -> None:
@@ -221,7 +222,7 @@ def cmd_finetune(args) -> None:
     blocks, held_out = _blocks(args.corpus, args.split), _blocks(args.corpus, args.eval_split)
     model, _ = load_model(args.model, dtype=args.dtype)
     summary = finetune(model, plan, blocks, settings, args.out_dir, eval_blocks=held_out)
-    write_json(args.summary, summary | {"provenance": provenance(_record(args) | {"settings": asdict(settings)}, plan)})
+    write_json(args.summary, summary | {"provenance": provenance(_record(args, settings), plan)})
     if args.figure:
         report.loss_figure(pd.read_csv(Path(args.out_dir) / "losses.csv"), f"{plan}: fine-tuning", args.figure)
 
@@ -307,9 +308,9 @@ def cmd_figures(args) -> None:
 
     from . import report
 
-    out, name = Path(args.out_dir), args.title
-    report.similarity_heatmap(pd.read_csv(args.similarity), f"{name}: layer-input similarity", out / "similarity_heatmap")
-    report.similarity_curve(pd.read_csv(args.similarity), f"{name}: adjacent layers", out / "similarity_adjacent")
+    out, name, similarity = Path(args.out_dir), args.title, pd.read_csv(args.similarity)
+    report.similarity_heatmap(similarity, f"{name}: layer-input similarity", out / "similarity_heatmap")
+    report.similarity_curve(similarity, f"{name}: adjacent layers", out / "similarity_adjacent")
     report.sensitivity_figure(pd.read_csv(args.sensitivity), f"{name}: sensitivity to an earlier input",
                               out / "sensitivity")
     selected = json.loads(Path(args.selected).read_text())

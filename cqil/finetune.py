@@ -36,6 +36,7 @@ from transformers import get_scheduler
 
 from .concurrent import apply_plan, planned
 from .evaluate import add_sums, log_probs, summarize, token_sums
+from .io import atomic
 from .models import decoder_layers
 from .plan import Plan
 
@@ -230,17 +231,15 @@ def _save_checkpoint(accelerator, checkpoint: Path, step: int, rows: list[dict],
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (staged / "step.json").write_text(json.dumps({"step": step}))
-        losses_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(losses_path.with_suffix(".tmp"), "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["step", "loss", "lr"])
-            writer.writeheader()
-            writer.writerows(rows)
         old = checkpoint.with_name(checkpoint.name + ".old")
         if checkpoint.exists():
             os.replace(checkpoint, old)
         os.replace(staged, checkpoint)
-        os.replace(losses_path.with_suffix(".tmp"), losses_path)
         shutil.rmtree(old, ignore_errors=True)
+        with atomic(losses_path) as tmp, open(tmp, "w", newline="") as f:  # resume keeps rows up to its step
+            writer = csv.DictWriter(f, fieldnames=["step", "loss", "lr"])
+            writer.writeheader()
+            writer.writerows(rows)
     accelerator.wait_for_everyone()
 
 
