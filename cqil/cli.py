@@ -21,6 +21,7 @@ from .data import CorpusError
 from .finetune import FinetuneError
 from .models import DTYPES, ModelError, describe, load_model
 from .plan import Plan, PlanError
+from .runtime import EngineError
 
 
 class InputError(ValueError):
@@ -318,6 +319,46 @@ def cmd_figures(args) -> None:
                            out / "frontier", metric=selected["rule"]["metric"])
 
 
+def cmd_latency(args) -> None:
+    """Prefill and decode latency of one engine (original, cqil or tp), checked against a 1-process reference.
+
+    cqil and tp run on several ranks: outside torchrun this command starts torchrun itself.
+    """
+    from .io import provenance, write_json
+    from .latency import LatencySettings, measure, world_size
+    from .models import load_config
+    from .runtime import launch, under_torchrun
+    from .runtime.tp import check_degree
+
+    settings, plan = _settings(LatencySettings, args.settings), _plan(args.plan)
+    world = world_size(args.engine, plan, args.degree)
+    config = load_config(args.model)  # refuse a bad plan or degree before any process starts
+    if plan:
+        plan.validate(config.num_hidden_layers)
+    if args.engine == "tp":
+        check_degree(config, args.degree)
+    if world > 1 and not under_torchrun():
+        return launch(["-m", "cqil", *args.argv], world)
+    result = measure(args.model, args.engine, settings, plan, args.degree, args.dtype, args.device)
+    if result is not None:  # rank 0
+        write_json(args.out, {**result, "settings": asdict(settings), "provenance": provenance(_record(args, settings), plan)})
+
+
+def cmd_latency_table(args) -> None:
+    """Latency table (CSV + Markdown) and figure from `cqil latency` JSON files of one model."""
+    from . import report
+    from .io import atomic, write_csv
+    from .latency import table
+
+    results = [json.loads(Path(path).read_text()) for path in args.inputs]
+    frame = table(results)
+    write_csv(args.out, frame)
+    with atomic(Path(args.out).with_suffix(".md")) as tmp:
+        tmp.write_text(frame.drop(columns=["model"]).to_markdown(index=False, floatfmt=".4g") + "\n")
+    if args.figure:
+        report.latency_figure(frame, results, args.title, args.figure)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cqil", description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
@@ -408,18 +449,31 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{name}", required=True)
     p.add_argument("--title", default="")
     p.add_argument("--out-dir", required=True)
+    p = command(cmd_latency, "latency")
+    model_args(p)
+    p.add_argument("--engine", required=True, choices=["original", "cqil", "tp"])
+    p.add_argument("--degree", type=int, help="tp: ranks to split each layer over")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--settings", default="{}", help="JSON object of LatencySettings fields (config: latency)")
+    p.add_argument("--out", required=True, help="JSON: records, check, parts, all-reduce times")
+    p = command(cmd_latency_table, "latency-table")
+    p.add_argument("inputs", nargs="+", help="JSON files written by `cqil latency` for one model")
+    p.add_argument("--out", required=True, help="CSV; a Markdown table is written beside it")
+    p.add_argument("--figure", help="figure path (PNG and PDF)")
+    p.add_argument("--title", default="")
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # `cqil latency` relaunches itself under torchrun
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
     try:
         args.func(args)
-    except (PlanError, ModelError, CorpusError, FinetuneError, InputError) as err:
+    except (PlanError, ModelError, CorpusError, FinetuneError, InputError, EngineError) as err:
         print(f"cqil: error: {err}", file=sys.stderr)
         sys.exit(2)
 

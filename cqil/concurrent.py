@@ -23,22 +23,34 @@ from .models import decoder_layers
 from .plan import Plan, PlanError
 
 
+def attention(layer, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+    """A_k: the attention output of decoder layer k on the group input (B, T, C)."""
+    return layer.self_attn(hidden_states=layer.input_layernorm(hidden_states), **kwargs)[0]
+
+
+def delta(layer, hidden_states: torch.Tensor, attn: torch.Tensor, bypassed, official: bool) -> torch.Tensor:
+    """delta_k = A_k + MLP_k(norm(x + A_k + B_k)), B_k the bypassed attention outputs (Sec. 3.3).
+
+    The official code also adds B_k to the residual (`official=True`, see PAPER.md).
+    """
+    mlp = layer.mlp(layer.post_attention_layernorm(hidden_states + attn + bypassed))
+    return attn + mlp + (bypassed if official else 0)
+
+
 def group_forward(members, bypass: int, official: bool, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
     """One group: `hidden + sum_k delta_k(hidden)`; `hidden_states` (B, T, C) is the group's input.
 
-    delta_k = A_k + MLP_k(norm(hidden + A_k + B_k)), A_k the attention output of layer k and
-    B_k the sum of the D previous attention outputs of the group (Sec. 3.3 of the paper; B_k = 0
-    for D = 0). The official code also adds B_k to the residual (`official=True`, see PAPER.md).
+    B_k is the sum of the `bypass` (D) previous attention outputs of the group (0 for D = 0).
+    `runtime/cqil.py` computes the same sum with one layer per rank.
     """
     attn_outputs = []  # A_0 .. A_{k-1}, each (B, T, C)
-    delta = torch.zeros_like(hidden_states)
+    total = torch.zeros_like(hidden_states)
     for layer in members:
-        attn = layer.self_attn(hidden_states=layer.input_layernorm(hidden_states), **kwargs)[0]
-        extra = sum(attn_outputs[-bypass:]) if bypass else 0  # B_k; sum([]) = 0 for the first layer
-        mlp = layer.mlp(layer.post_attention_layernorm(hidden_states + attn + extra))
-        delta = delta + attn + mlp + (extra if official else 0)
+        attn = attention(layer, hidden_states, **kwargs)
+        bypassed = sum(attn_outputs[-bypass:]) if bypass else 0  # sum([]) = 0 for the first layer
+        total = total + delta(layer, hidden_states, attn, bypassed, official)
         attn_outputs.append(attn)
-    return hidden_states + delta
+    return hidden_states + total
 
 
 def pass_through(hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -46,7 +58,7 @@ def pass_through(hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     return hidden_states
 
 
-def _check_layer_types(config, plan: Plan) -> None:
+def check_layer_types(config, plan: Plan) -> None:
     """All layers of a group get the first layer's attention mask, so they must share its type."""
     types = getattr(config, "layer_types", None)
     for group in plan.groups() if types else ():
@@ -66,7 +78,7 @@ def apply_plan(model, plan: Plan | None):
         return model
     layers = decoder_layers(model)
     plan.validate(len(layers))
-    _check_layer_types(model.config, plan)
+    check_layer_types(model.config, plan)
     for i, layer in enumerate(layers):
         if "forward" in layer.__dict__:  # e.g. accelerate's device_map / offload hooks live there
             raise PlanError(f"plan {plan}: layer {i} already has its forward replaced (accelerate hooks?); "

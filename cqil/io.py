@@ -83,6 +83,32 @@ def provenance(settings: dict, plan=None) -> dict:
         "plan": str(plan) if plan else None,
         "git": git_sha(),
         "versions": {name: version(name) for name in ("cqil", "torch", "transformers", "peft")},
-        "machine": {"host": platform.node(), "cpu": platform.processor() or platform.machine(),
-                    "cores": os.cpu_count(), "python": platform.python_version()},
+        "machine": machine(),
     }
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _gpu_driver() -> str:
+    with contextlib.suppress(OSError, subprocess.CalledProcessError):
+        return subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, check=True).stdout.split()[0]
+    return "unknown"
+
+
+def machine() -> dict:
+    """The host: CPU model and cores, torch version, and the GPU torch sees (name, count, driver, CUDA)."""
+    import torch
+
+    info = {"host": platform.node(), "cpu": _cpu_model(), "cores": os.cpu_count(),
+            "python": platform.python_version(), "torch": torch.__version__}
+    if torch.cuda.is_available():
+        info |= {"gpu": torch.cuda.get_device_name(), "gpus": torch.cuda.device_count(),
+                 "driver": _gpu_driver(), "cuda": torch.version.cuda}
+    return info

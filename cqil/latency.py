@@ -1,0 +1,268 @@
+"""Latency of the original model (1 rank), CQIL (P ranks) and tensor parallelism (P ranks).
+
+    cqil latency --model smollm2-135m --engine cqil --plan S12-E28-P2-D0 --out cqil.json
+
+One repeat is a greedy generation: a prefill of the prompt (logits of its last position only, as
+`generate()` does), then `new_tokens` decode steps with the KV cache. Warm-up repeats are dropped;
+each record holds the median, p10 and p90 over the repeats, on rank 0's clock after a barrier.
+In the same run a check compares the engine's logits with a single-process reference under teacher
+forcing (both fed the reference's greedy tokens): cqil against the simulation of its plan
+(`concurrent.py`), tp against the original model. A padded batch exercises the masks.
+
+The original engine also records where the time goes (per-layer time, the rest: embedding, final
+norm, head, sampling); the cqil engine records all-reduce time against message size. The simulator
+is calibrated from these parts.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm import tqdm
+from transformers import DynamicCache
+
+from . import runtime
+from .concurrent import planned
+from .models import decoder_layers, load_model
+from .plan import Plan
+
+ENGINES = ("original", "cqil", "tp")
+
+
+@dataclass(frozen=True)
+class LatencySettings:
+    prompt_lengths: list[int] = field(default_factory=lambda: [128, 512])
+    new_tokens: int = 32  # decode steps after each prefill
+    batch_size: int = 1
+    warmup: int = 2  # repeats dropped before timing
+    repeats: int = 5
+    baseline_threads: list[int] = field(default_factory=lambda: [1])  # CPU threads of the 1-rank original
+    threads_per_rank: int = 1  # CPU threads of each cqil / tp rank
+    check_batch_size: int = 2  # the correctness check: a padded batch, teacher-forced decode steps
+    check_length: int = 32
+    check_new_tokens: int = 8
+    allreduce_tokens: list[int] = field(default_factory=lambda: [1, 16, 128, 512])  # message = batch x tokens x hidden
+    allreduce_repeats: int = 30
+    seed: int = 0
+    timeout: float = 300.0  # seconds a rank waits in a collective before the run fails
+
+
+def world_size(engine: str, plan: Plan | None, degree: int | None) -> int:
+    """Ranks an engine runs on."""
+    if engine not in ENGINES:
+        raise runtime.EngineError(f"engine {engine!r}: allowed are {', '.join(ENGINES)}")
+    if engine == "cqil" and plan is None:
+        raise runtime.EngineError("engine cqil needs a plan (--plan S12-E28-P2-D0)")
+    if engine == "tp" and not degree:
+        raise runtime.EngineError("engine tp needs a degree (--degree 2)")
+    return {"original": 1, "cqil": plan.size if plan else 1, "tp": degree or 1}[engine]
+
+
+def prompts(vocab: int, batch: int, length: int, seed: int, pad: int = 0):
+    """Random token ids (B, T) and their attention mask; the first row is left-padded by `pad` tokens."""
+    ids = torch.randint(vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    mask[0, :pad] = 0
+    return ids, mask
+
+
+def forward(model, ids, mask, cache, keep: int):
+    """One cached forward of `ids` (B, T); `mask` covers the cache and `ids`; logits of the last `keep` positions (0: all)."""
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
+    return model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                 use_cache=True, logits_to_keep=keep).logits
+
+
+@torch.no_grad()
+def generate(model, ids, mask, new_tokens: int, keep: int = 1, forced=None, sync=lambda: None):
+    """Greedy decoding with the KV cache (or fed `forced` tokens (B, N)).
+
+    Returns the logits of the prefill and of each step, and the clock at start, after prefill, at end.
+    """
+    cache = DynamicCache(config=model.config)
+    sync()
+    clock = [time.perf_counter()]
+    logits = [forward(model, ids, mask, cache, keep)]
+    sync()
+    clock.append(time.perf_counter())
+    for step in range(new_tokens):
+        token = logits[-1][:, -1].argmax(-1) if forced is None else forced[:, step]
+        mask = torch.cat([mask, mask.new_ones(len(mask), 1)], dim=1)
+        logits.append(forward(model, token[:, None], mask, cache, 1))
+    sync()
+    clock.append(time.perf_counter())
+    return logits, clock
+
+
+def stats(seconds) -> dict:
+    ms = np.asarray(seconds) * 1e3
+    return {"median_ms": float(np.median(ms)), "p10_ms": float(np.percentile(ms, 10)),
+            "p90_ms": float(np.percentile(ms, 90)), "samples_ms": [round(float(x), 4) for x in ms]}
+
+
+def reference_run(model, settings: LatencySettings, device):
+    """The check's padded batch and the reference logits and greedy tokens on it."""
+    ids, mask = prompts(model.config.vocab_size, settings.check_batch_size, settings.check_length,
+                        settings.seed + 1, pad=settings.check_length // 4 if settings.check_batch_size > 1 else 0)
+    ids, mask = ids.to(device), mask.to(device)
+    logits, _ = generate(model, ids, mask, settings.check_new_tokens, keep=0)
+    forced = torch.stack([step[:, -1].argmax(-1) for step in logits[:-1]], dim=1)
+    return ids, mask, forced, logits
+
+
+def compare(model, reference) -> dict:
+    """Max |logit difference| and argmax agreement of `model` against the reference, teacher-forced."""
+    ids, mask, forced, expected = reference
+    logits, _ = generate(model, ids, mask, forced.shape[1], keep=0, forced=forced)
+    real = mask.bool()  # prefill positions that are tokens, not padding
+    pairs = [(logits[0][real], expected[0][real])] + [(a[:, -1], b[:, -1]) for a, b in zip(logits[1:], expected[1:])]
+    got, want = torch.cat([a for a, _ in pairs]).double(), torch.cat([b for _, b in pairs]).double()
+    return {"max_abs_diff": float((got - want).abs().max()), "argmax_agreement": float((got.argmax(-1) == want.argmax(-1)).double().mean()),
+            "positions": len(got), "batch_size": len(ids), "decode_steps": forced.shape[1]}
+
+
+def time_generation(model, ranks, settings: LatencySettings, length: int, sync, progress) -> list[dict]:
+    """Prefill and per-token decode latency for one prompt length."""
+    ids, mask = prompts(model.config.vocab_size, settings.batch_size, length, settings.seed)
+    ids, mask = ids.to(ranks.device), mask.to(ranks.device)
+    prefill, decode = [], []
+    for repeat in range(settings.warmup + settings.repeats):
+        ranks.barrier()
+        _, clock = generate(model, ids, mask, settings.new_tokens, sync=sync)
+        if repeat >= settings.warmup:
+            prefill.append(clock[1] - clock[0])
+            decode.append((clock[2] - clock[1]) / max(settings.new_tokens, 1))
+        progress.update()
+    shape = {"tokens": length, "batch_size": settings.batch_size, "new_tokens": settings.new_tokens}
+    return [{"phase": "prefill", **shape, **stats(prefill)}, {"phase": "decode", **shape, **stats(decode)}]
+
+
+@torch.no_grad()
+def time_parts(model, settings: LatencySettings, length: int, device, sync) -> dict:
+    """Where one generation's time goes: decoder layers (timed by hooks) and the rest, per phase."""
+    layers = decoder_layers(model)
+    spans, start = [], {}
+
+    def before(module, args):
+        sync()
+        start["t"] = time.perf_counter()
+
+    def after(module, args, output):
+        sync()
+        spans.append(time.perf_counter() - start["t"])
+
+    hooks = [h for layer in layers for h in (layer.register_forward_pre_hook(before), layer.register_forward_hook(after))]
+    try:
+        ids, mask = prompts(model.config.vocab_size, settings.batch_size, length, settings.seed)
+        _, clock = generate(model, ids.to(device), mask.to(device), settings.new_tokens, sync=sync)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    steps, count = max(settings.new_tokens, 1), len(layers)
+    prefill_layers, decode_layers = sum(spans[:count]), sum(spans[count:]) / steps
+    return {"tokens": length, "batch_size": settings.batch_size, "layers": count,
+            "prefill_layer_ms": 1e3 * prefill_layers / count,
+            "prefill_rest_ms": 1e3 * (clock[1] - clock[0] - prefill_layers),
+            "decode_layer_ms": 1e3 * decode_layers / count,
+            "decode_rest_ms": 1e3 * ((clock[2] - clock[1]) / steps - decode_layers)}
+
+
+def time_allreduce(ranks, settings: LatencySettings, hidden: int, dtype, sync) -> list[dict]:
+    """All-reduce latency over this process group against message size (batch x tokens x hidden)."""
+    records = []
+    for tokens in settings.allreduce_tokens:
+        message = torch.randn(settings.batch_size, tokens, hidden, dtype=dtype, device=ranks.device)
+        seconds = []
+        for repeat in range(5 + settings.allreduce_repeats):
+            ranks.barrier()
+            sync()
+            start = time.perf_counter()
+            torch.distributed.all_reduce(message)
+            sync()
+            seconds.append(time.perf_counter() - start)
+        records.append({"tokens": tokens, "bytes": message.numel() * message.element_size(), "ranks": ranks.world,
+                        **stats(seconds[5:])})
+    return records
+
+
+def measure(spec: str, engine: str, settings: LatencySettings, plan: Plan | None = None, degree: int | None = None,
+            dtype: str = "auto", device: str = "auto") -> dict | None:
+    """Run one engine on this rank; rank 0 returns the result (records, check, parts), the others None."""
+    world = world_size(engine, plan, degree)
+    ranks = runtime.init(settings.timeout, device)
+    if ranks.world != world:
+        raise runtime.EngineError(f"engine {engine}: needs {world} ranks, this run has {ranks.world}")
+    sync = torch.cuda.synchronize if ranks.device.type == "cuda" else lambda: None
+    model, _ = load_model(spec, dtype=dtype)
+    model.to(ranks.device)
+    check = None
+    if engine == "cqil":
+        from .runtime.cqil import shard
+
+        with planned(model, plan):  # the single-process simulation of the same plan
+            reference = reference_run(model, settings, ranks.device)
+        effect = compare(model, reference)  # the original against the simulation: what the plan changes
+        model = shard(model, plan, ranks.rank, ranks.world)
+        check = compare(model, reference) | {f"plan_effect_{key}": effect[key] for key in ("max_abs_diff", "argmax_agreement")}
+    elif engine == "tp":
+        from .runtime.tp import check_degree, shard
+
+        check_degree(model.config, degree)
+        reference = reference_run(model, settings, ranks.device)
+        model = shard(model, degree, ranks.device.type)
+        check = compare(model, reference)
+
+    threads = settings.baseline_threads if engine == "original" else [settings.threads_per_rank]
+    records, parts = [], []
+    total = len(threads) * len(settings.prompt_lengths) * (settings.warmup + settings.repeats)
+    with tqdm(total=total, desc=f"latency {engine}", disable=ranks.rank != 0) as progress:
+        for count in threads:
+            if ranks.device.type == "cpu":
+                torch.set_num_threads(count)
+            for length in settings.prompt_lengths:
+                found = time_generation(model, ranks, settings, length, sync, progress)
+                records += [{"threads": count, **record} for record in found]
+                if engine == "original":
+                    parts.append({"threads": count, **time_parts(model, settings, length, ranks.device, sync)})
+    allreduce = time_allreduce(ranks, settings, model.config.hidden_size, model.dtype, sync) if world > 1 else []
+    ranks.close()
+    if ranks.rank != 0:
+        return None
+    return {"model": spec, "engine": engine, "plan": str(plan) if plan else None, "degree": degree, "ranks": world,
+            "device": ranks.device.type, "dtype": str(model.dtype).removeprefix("torch."),
+            "layers": model.config.num_hidden_layers, "check": check, "records": records, "parts": parts,
+            "allreduce": allreduce}
+
+
+def setup(result: dict, threads: int) -> str:
+    """A readable name of what was timed: `original, 2 threads`, `cqil S12-E28-P2-D0`, `tp 2`."""
+    return {"original": f"original, {threads} thread{'s' if threads > 1 else ''}",
+            "cqil": f"cqil {result['plan']}", "tp": f"tp {result['degree']}"}[result["engine"]]
+
+
+def ideal(result: dict, threads: int) -> float:
+    """The reduction if nothing but the split work cost time: (E-S)(1-1/P)/L for cqil, 1-1/n for n ranks or threads."""
+    if result["engine"] == "cqil":
+        return Plan.parse(result["plan"]).ideal_reduction(result["layers"])
+    return 1 - 1 / (result["degree"] if result["engine"] == "tp" else threads)
+
+
+def table(results: list[dict]):
+    """One row per setup, phase and prompt length; reductions relative to the 1-thread (1-rank) original."""
+    import pandas as pd
+
+    rows = [{"model": result["model"], "setup": setup(result, record["threads"]), "engine": result["engine"],
+             "ranks": result["ranks"], "threads": record["threads"], "phase": record["phase"], "tokens": record["tokens"],
+             "batch_size": record["batch_size"], "median_ms": record["median_ms"], "p10_ms": record["p10_ms"],
+             "p90_ms": record["p90_ms"], "ideal": ideal(result, record["threads"]),
+             "check_max_abs_diff": (result["check"] or {}).get("max_abs_diff")}
+            for result in results for record in result["records"]]
+    frame = pd.DataFrame(rows)
+    key = ["phase", "tokens", "batch_size"]
+    base = frame[(frame.engine == "original") & (frame.threads == 1)].set_index(key)["median_ms"]
+    frame["reduction"] = 1 - frame.median_ms / frame.set_index(key).index.map(base).to_numpy(dtype=float)
+    frame["of_ideal"] = frame.reduction / frame.ideal.where(frame.ideal > 0)
+    return frame

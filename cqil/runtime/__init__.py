@@ -1,0 +1,71 @@
+"""Multi-process inference over torch.distributed: one process per rank, started by torchrun.
+
+    cqil latency --engine cqil --plan S12-E28-P2-D0   # starts `torchrun --nproc_per_node 2` itself
+
+Engines: `cqil.py` spreads the layers of each group over P ranks (one all-reduce per group);
+`tp.py` is the tensor-parallel baseline through torch's DTensor. gloo on CPU, NCCL with one GPU per
+rank. A rank that raises, dies or hangs ends the whole run with an error: torchrun stops the other
+ranks when one exits, and a collective that waits longer than `timeout` raises on the ranks waiting.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+class EngineError(ValueError):
+    """An engine that cannot run with these ranks or this model; the message is one line."""
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int
+    world: int
+    device: torch.device
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def close(self) -> None:
+        """Leave the process group together: a rank that exits while another still talks can abort it."""
+        if self.world > 1 and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or "WORLD_SIZE" in os.environ
+
+
+def init(timeout: float = 300.0, device: str = "auto") -> Ranks:
+    """This process's rank, world size and device; joins the process group when there are several ranks."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    where = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(where)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout),
+                                device_id=where if cuda else None)
+    return Ranks(rank, world, where)
+
+
+def launch(program: list[str], nproc: int) -> None:
+    """Run `program` (`["-m", "cqil", ...]` or `["script.py", ...]`) on `nproc` local ranks with torchrun.
+
+    Raises EngineError if any rank fails. `--standalone` lets torchrun pick a free port, so a busy default port or a second run on the
+    same machine does not collide.
+    """
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *program]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}  # torchrun's default, without its warning
+    status = subprocess.run(command, env=env).returncode
+    if status:
+        raise EngineError(f"{nproc} ranks: torchrun exited with status {status} (the failing rank's error is above)")

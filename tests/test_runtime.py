@@ -1,0 +1,154 @@
+"""The distributed engines against the single-process result, and a failing rank never hangs a run.
+
+Each engine test runs `cqil latency` on 2 gloo processes (started by torchrun) on a tiny random model.
+The check inside that run teacher-forces the engine with the reference's greedy tokens over a padded
+batch of 2 and 8 cached decode steps, and compares every logit.
+"""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from cqil.cli import main
+from cqil.latency import LatencySettings, table
+from cqil.plan import Plan
+from cqil.runtime import EngineError, launch
+from cqil.runtime.cqil import shard
+from cqil.runtime.tp import check_degree
+from tests.conftest import tiny_config, tiny_model, tiny_tokenizer
+
+SETTINGS = {"prompt_lengths": [12], "new_tokens": 3, "warmup": 0, "repeats": 2, "check_batch_size": 2,
+            "check_length": 16, "check_new_tokens": 8, "allreduce_tokens": [1, 12], "allreduce_repeats": 3,
+            "timeout": 60}
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    """Saved tiny float32 llama and qwen2 (q/k/v with biases) models, 8 layers, 4 heads, 2 KV heads."""
+    dirs = {}
+    for family in ("llama", "qwen2"):
+        path = tmp_path_factory.mktemp(family) / "model"
+        tiny_model(family, dtype=torch.float32).save_pretrained(path)
+        tiny_tokenizer().save_pretrained(path)
+        dirs[family] = path
+    return dirs
+
+
+def run_latency(tmp_path, model, *args, settings=SETTINGS) -> dict:
+    out = tmp_path / "latency.json"
+    main(["latency", "--model", str(model), *args, "--settings", json.dumps(settings), "--out", str(out)])
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("family, args", [
+    ("llama", ["--engine", "cqil", "--plan", "S2-E6-P2-D0"]),
+    ("llama", ["--engine", "cqil", "--plan", "S0-E8-P2-D1"]),  # starts at layer 0: the cache-slot remap matters
+    ("qwen2", ["--engine", "cqil", "--plan", "S2-E8-P2-D1-official"]),
+    ("llama", ["--engine", "tp", "--degree", "2"]),
+    ("qwen2", ["--engine", "tp", "--degree", "2"]),
+])
+def test_two_ranks_match_one_process(tiny_dirs, tmp_path, family, args):
+    result = run_latency(tmp_path, tiny_dirs[family], *args)
+    check = result["check"]
+    assert check["batch_size"] == 2 and check["decode_steps"] == 8
+    assert check["positions"] == 2 * 16 - 16 // 4 + 2 * 8  # real prompt tokens + decode steps of both rows
+    assert check["max_abs_diff"] < 1e-4 and check["argmax_agreement"] == 1.0
+    if result["engine"] == "cqil":  # the plan itself changes the logits, far beyond the tolerance
+        assert check["plan_effect_max_abs_diff"] > 1e-2
+    assert result["ranks"] == 2 and len(result["allreduce"]) == 2
+    assert {(r["phase"], r["tokens"]) for r in result["records"]} == {("prefill", 12), ("decode", 12)}
+    assert all(len(r["samples_ms"]) == 2 and r["p10_ms"] <= r["median_ms"] <= r["p90_ms"] for r in result["records"])
+
+
+def test_original_records_threads_and_parts(tiny_dirs, tmp_path):
+    result = run_latency(tmp_path, tiny_dirs["llama"], "--engine", "original",
+                         settings=SETTINGS | {"baseline_threads": [1, 2]})
+    assert result["check"] is None and result["ranks"] == 1 and result["allreduce"] == []
+    assert sorted({r["threads"] for r in result["records"]}) == [1, 2]
+    part = result["parts"][0]
+    assert part["layers"] == 8 and part["prefill_layer_ms"] > 0 and part["decode_layer_ms"] > 0
+    assert part["decode_rest_ms"] > 0  # embedding, norm, head and sampling are not free
+
+
+def test_table_reductions():
+    def result(engine, median, **extra):
+        record = {"phase": "prefill", "tokens": 8, "batch_size": 1, "threads": 1, "median_ms": median,
+                  "p10_ms": median, "p90_ms": median}
+        return {"model": "m", "engine": engine, "ranks": 2, "layers": 8, "check": None, "records": [record],
+                "plan": None, "degree": None, **extra}
+
+    frame = table([result("original", 100.0), result("cqil", 80.0, plan="S0-E8-P2-D0"), result("tp", 60.0, degree=2)])
+    assert frame.setup.tolist() == ["original, 1 thread", "cqil S0-E8-P2-D0", "tp 2"]
+    assert frame.reduction.round(6).tolist() == [0.0, 0.2, 0.4]
+    assert frame.ideal.tolist() == [0.0, 0.5, 0.5]  # S0-E8-P2 on 8 layers: half the layers saved
+    assert frame.of_ideal.round(6).tolist()[1:] == [0.4, 0.8]
+
+
+def test_bad_degree_and_world_refused_up_front(tiny_dirs, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run_latency(tmp_path, tiny_dirs["llama"], "--engine", "tp", "--degree", "3")
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip() == ("cqil: error: tp degree 3: the model has 4 attention heads, 2 KV heads "
+                                               "and MLP width 128; the degree must divide all three (allowed: 1, 2)")
+    with pytest.raises(SystemExit):
+        run_latency(tmp_path, tiny_dirs["llama"], "--engine", "cqil")
+    assert "engine cqil needs a plan" in capsys.readouterr().err
+    with pytest.raises(EngineError, match="9 attention heads, 3 KV heads"):  # SmolLM2-135M's shape over 2 ranks
+        check_degree(tiny_config(hidden_size=576, num_attention_heads=9, num_key_value_heads=3), 2)
+    with pytest.raises(EngineError, match="needs 2 ranks, got 3"):
+        shard(tiny_model(), Plan.parse("S2-E6-P2-D0"), rank=0, world=3)
+
+
+FAILING = """
+import sys, time, torch, torch.distributed as dist
+from cqil.runtime import init
+ranks = init(timeout=float(sys.argv[2]))
+if ranks.rank == 1:
+    if sys.argv[1] == "raise":
+        raise RuntimeError("rank 1 fails")
+    if sys.argv[1] == "hang":
+        time.sleep(600)
+dist.all_reduce(torch.ones(4))
+ranks.close()
+"""
+
+
+@pytest.mark.parametrize("failure", ["raise", "hang"])
+def test_failing_rank_ends_the_run(tmp_path, failure):
+    """A rank that raises, or one stuck outside the collective, makes the launch fail within the timeout."""
+    script = tmp_path / "failing.py"
+    script.write_text(FAILING)
+    start = time.monotonic()
+    with pytest.raises(EngineError, match="torchrun exited with status"):
+        launch([str(script), failure, "10"], nproc=2)
+    assert time.monotonic() - start < 60  # the 10 s collective timeout, then torchrun stops the other rank
+
+
+def test_busy_default_port(tmp_path):
+    """torchrun --standalone picks a free port, so a busy 29500 (torchrun's default) does not matter."""
+    script = tmp_path / "ok.py"
+    script.write_text(FAILING)
+    with socket.socket() as busy:
+        busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            busy.bind(("127.0.0.1", 29500))
+            busy.listen()
+        except OSError:
+            pass  # already taken by something else: just as busy
+        launch([str(script), "none", "10"], nproc=2)
+
+
+def test_cli_launches_torchrun_and_rank0_writes(tiny_dirs, tmp_path):
+    """`cqil latency` outside torchrun starts it; only rank 0 writes the JSON (the file is whole)."""
+    out = tmp_path / "cqil.json"
+    subprocess.run([sys.executable, "-m", "cqil", "latency", "--model", str(tiny_dirs["llama"]), "--engine", "cqil",
+                    "--plan", "S2-E6-P2-D0", "--settings", json.dumps(SETTINGS), "--out", str(out)],
+                   check=True, capture_output=True, timeout=300)
+    result = json.loads(out.read_text())
+    assert result["plan"] == "S2-E6-P2-D0" and result["provenance"]["machine"]["cores"] >= 1
+    assert LatencySettings(**result["settings"]).check_new_tokens == 8
