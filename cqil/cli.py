@@ -344,6 +344,21 @@ def cmd_latency(args) -> None:
         write_json(args.out, {**result, "settings": asdict(settings), "provenance": provenance(_record(args, settings), plan)})
 
 
+def cmd_layer_latency(args) -> None:
+    """Per-layer prefill and decode latency of named LLaMA shapes with random weights (eager, CUDA graphs)."""
+    import pandas as pd
+
+    from .io import provenance, write_json
+    from .latency import layer_latency
+
+    records = [record for shape in args.shapes for mode in args.modes
+               for record in layer_latency(shape, args.lengths, args.context, args.dtype, args.device,
+                                           graphs=mode == "graphs", warmup=args.warmup, repeats=args.repeats)]
+    write_json(args.out, {"records": records, "provenance": provenance(_record(args))})
+    columns = ["shape", "graphs", "phase", "tokens", "median_ms", "p10_ms", "p90_ms"]
+    print(pd.DataFrame(records)[columns].to_markdown(index=False, floatfmt=".4g"))
+
+
 def cmd_latency_table(args) -> None:
     """Latency table (CSV + Markdown) and figure from `cqil latency` JSON files of one model."""
     from . import report
@@ -456,6 +471,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--settings", default="{}", help="JSON object of LatencySettings fields (config: latency)")
     p.add_argument("--out", required=True, help="JSON: records, check, parts, all-reduce times")
+    p = command(cmd_layer_latency, "layer-latency")
+    p.add_argument("--shapes", nargs="+", default=["llama-7b", "llama-13b", "llama-33b"],
+                   help="named shapes (cqil.models.SHAPES)")
+    p.add_argument("--lengths", type=int, nargs="+", default=[128, 512, 2048], help="prefill tokens")
+    p.add_argument("--context", type=int, default=2048, help="KV cache length of the decode step")
+    p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--modes", nargs="+", default=["eager", "graphs"], choices=["eager", "graphs"])
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--out", required=True, help="JSON records")
     p = command(cmd_latency_table, "latency-table")
     p.add_argument("inputs", nargs="+", help="JSON files written by `cqil latency` for one model")
     p.add_argument("--out", required=True, help="CSV; a Markdown table is written beside it")

@@ -55,6 +55,23 @@ def check_plans(config: dict) -> None:
             raise ConfigError(f"config.search: the grid has no valid plan for model {name!r} ((E-S) % P == 0, D < P)")
 
 
+def check_latency(config: dict) -> None:
+    latency = config.get("latency") or {"models": []}
+    for i, name in enumerate(latency["models"]):
+        entry = config["catalog"].get(name)
+        if entry is None:
+            raise ConfigError(f"config.latency.models[{i}]: {name!r} is not in config.catalog ({', '.join(config['catalog'])})")
+        for j, plan in enumerate(latency["plans"]):
+            try:
+                Plan.parse(plan).validate(entry["layers"])
+            except PlanError as err:
+                raise ConfigError(f"config.latency.plans[{j}]: {err} (model {name!r})") from None
+        missing = [key for key in ("heads", "kv_heads") if key not in entry]
+        if latency["tp_degrees"] and missing:
+            raise ConfigError(f"config.catalog.{name}: needs {' and '.join(missing)} for config.latency.tp_degrees")
+
+
 def check_config(config: dict, schema_path) -> None:
     check_schema(config, schema_path)
     check_plans(config)
+    check_latency(config)

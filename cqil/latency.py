@@ -16,6 +16,7 @@ is calibrated from these parts.
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 
@@ -46,6 +47,8 @@ class LatencySettings:
     check_new_tokens: int = 8
     allreduce_tokens: list[int] = field(default_factory=lambda: [1, 16, 128, 512])  # message = batch x tokens x hidden
     allreduce_repeats: int = 30
+    placement: str = "replicated"  # cqil: layers outside the groups on every rank, or on rank 0 only ("rank0")
+    interleaved_baseline: bool = True  # cqil / tp: rank 0 also times the original between repeats (a copy in memory)
     seed: int = 0
     timeout: float = 300.0  # seconds a rank waits in a collective before the run fails
 
@@ -124,20 +127,30 @@ def compare(model, reference) -> dict:
             "positions": len(got), "batch_size": len(ids), "decode_steps": forced.shape[1]}
 
 
-def time_generation(model, ranks, settings: LatencySettings, length: int, sync, progress) -> list[dict]:
-    """Prefill and per-token decode latency for one prompt length."""
+def time_generation(model, ranks, settings: LatencySettings, length: int, sync, progress, baseline=None,
+                    interleaved: bool = False) -> list[dict]:
+    """Prefill and per-token decode latency for one prompt length.
+
+    With `interleaved`, rank 0 also times the 1-rank `baseline` (the original model) after each repeat
+    of the engine while the other ranks wait, so engine and baseline share one run and one machine state.
+    """
     ids, mask = prompts(model.config.vocab_size, settings.batch_size, length, settings.seed)
     ids, mask = ids.to(ranks.device), mask.to(ranks.device)
-    prefill, decode = [], []
+    seconds = {"": ([], []), "baseline_": ([], [])}  # (prefill, decode per token) of the engine and the baseline
     for repeat in range(settings.warmup + settings.repeats):
-        ranks.barrier()
-        _, clock = generate(model, ids, mask, settings.new_tokens, sync=sync)
-        if repeat >= settings.warmup:
-            prefill.append(clock[1] - clock[0])
-            decode.append((clock[2] - clock[1]) / max(settings.new_tokens, 1))
+        for prefix, timed in [("", model), ("baseline_", baseline)][:2 if interleaved else 1]:
+            ranks.barrier()
+            if timed is None:  # a rank > 0 while rank 0 times the baseline
+                continue
+            _, clock = generate(timed, ids, mask, settings.new_tokens, sync=sync)
+            if repeat >= settings.warmup:
+                seconds[prefix][0].append(clock[1] - clock[0])
+                seconds[prefix][1].append((clock[2] - clock[1]) / max(settings.new_tokens, 1))
         progress.update()
     shape = {"tokens": length, "batch_size": settings.batch_size, "new_tokens": settings.new_tokens}
-    return [{"phase": "prefill", **shape, **stats(prefill)}, {"phase": "decode", **shape, **stats(decode)}]
+    return [{"phase": phase, **shape, **{f"{prefix}{key}": value for prefix, times in seconds.items() if times[i]
+                                          for key, value in stats(times[i]).items()}}
+            for i, phase in enumerate(("prefill", "decode"))]
 
 
 @torch.no_grad()
@@ -188,6 +201,26 @@ def time_allreduce(ranks, settings: LatencySettings, hidden: int, dtype, sync) -
     return records
 
 
+def shard(model, engine: str, plan: Plan | None, degree: int | None, ranks, settings: LatencySettings):
+    """This rank's part of `engine`, and the check of its logits against the single-process reference."""
+    if engine == "original":
+        return model, None
+    if engine == "cqil":
+        from .runtime import cqil
+
+        with planned(model, plan):  # the single-process simulation of the same plan
+            reference = reference_run(model, settings, ranks.device)
+        effect = compare(model, reference)  # the original against the simulation: what the plan changes
+        model = cqil.shard(model, plan, ranks.rank, ranks.world, settings.placement)
+        effect = {f"plan_effect_{key}": effect[key] for key in ("max_abs_diff", "argmax_agreement")}
+    else:
+        from .runtime import tp
+
+        reference, effect = reference_run(model, settings, ranks.device), {}
+        model = tp.shard(model, degree, ranks.device.type)
+    return model, compare(model, reference) | effect
+
+
 def measure(spec: str, engine: str, settings: LatencySettings, plan: Plan | None = None, degree: int | None = None,
             dtype: str = "auto", device: str = "auto") -> dict | None:
     """Run one engine on this rank; rank 0 returns the result (records, check, parts), the others None."""
@@ -198,22 +231,9 @@ def measure(spec: str, engine: str, settings: LatencySettings, plan: Plan | None
     sync = torch.cuda.synchronize if ranks.device.type == "cuda" else lambda: None
     model, _ = load_model(spec, dtype=dtype)
     model.to(ranks.device)
-    check = None
-    if engine == "cqil":
-        from .runtime.cqil import shard
-
-        with planned(model, plan):  # the single-process simulation of the same plan
-            reference = reference_run(model, settings, ranks.device)
-        effect = compare(model, reference)  # the original against the simulation: what the plan changes
-        model = shard(model, plan, ranks.rank, ranks.world)
-        check = compare(model, reference) | {f"plan_effect_{key}": effect[key] for key in ("max_abs_diff", "argmax_agreement")}
-    elif engine == "tp":
-        from .runtime.tp import check_degree, shard
-
-        check_degree(model.config, degree)
-        reference = reference_run(model, settings, ranks.device)
-        model = shard(model, degree, ranks.device.type)
-        check = compare(model, reference)
+    interleaved = engine != "original" and settings.interleaved_baseline
+    baseline = copy.deepcopy(model) if interleaved and ranks.rank == 0 else None
+    model, check = shard(model, engine, plan, degree, ranks, settings)
 
     threads = settings.baseline_threads if engine == "original" else [settings.threads_per_rank]
     records, parts = [], []
@@ -223,16 +243,17 @@ def measure(spec: str, engine: str, settings: LatencySettings, plan: Plan | None
             if ranks.device.type == "cpu":
                 torch.set_num_threads(count)
             for length in settings.prompt_lengths:
-                found = time_generation(model, ranks, settings, length, sync, progress)
+                found = time_generation(model, ranks, settings, length, sync, progress, baseline, interleaved)
                 records += [{"threads": count, **record} for record in found]
                 if engine == "original":
                     parts.append({"threads": count, **time_parts(model, settings, length, ranks.device, sync)})
     allreduce = time_allreduce(ranks, settings, model.config.hidden_size, model.dtype, sync) if world > 1 else []
+    backend = torch.distributed.get_backend() if world > 1 else None
     ranks.close()
     if ranks.rank != 0:
         return None
     return {"model": spec, "engine": engine, "plan": str(plan) if plan else None, "degree": degree, "ranks": world,
-            "device": ranks.device.type, "dtype": str(model.dtype).removeprefix("torch."),
+            "device": ranks.device.type, "backend": backend, "dtype": str(model.dtype).removeprefix("torch."),
             "layers": model.config.num_hidden_layers, "check": check, "records": records, "parts": parts,
             "allreduce": allreduce}
 
@@ -251,18 +272,86 @@ def ideal(result: dict, threads: int) -> float:
 
 
 def table(results: list[dict]):
-    """One row per setup, phase and prompt length; reductions relative to the 1-thread (1-rank) original."""
+    """One row per setup, phase and prompt length, with the reduction against the 1-thread (1-rank) original:
+    timed in the same run where the engine interleaved it (`baseline: same run`), else the original's own run."""
     import pandas as pd
 
     rows = [{"model": result["model"], "setup": setup(result, record["threads"]), "engine": result["engine"],
              "ranks": result["ranks"], "threads": record["threads"], "phase": record["phase"], "tokens": record["tokens"],
              "batch_size": record["batch_size"], "median_ms": record["median_ms"], "p10_ms": record["p10_ms"],
-             "p90_ms": record["p90_ms"], "ideal": ideal(result, record["threads"]),
-             "check_max_abs_diff": (result["check"] or {}).get("max_abs_diff")}
+             "p90_ms": record["p90_ms"], "baseline_ms": record.get("baseline_median_ms"),
+             "baseline": "same run" if "baseline_median_ms" in record else "separate run",
+             "ideal": ideal(result, record["threads"]), "check_max_abs_diff": (result["check"] or {}).get("max_abs_diff")}
             for result in results for record in result["records"]]
     frame = pd.DataFrame(rows)
     key = ["phase", "tokens", "batch_size"]
-    base = frame[(frame.engine == "original") & (frame.threads == 1)].set_index(key)["median_ms"]
-    frame["reduction"] = 1 - frame.median_ms / frame.set_index(key).index.map(base).to_numpy(dtype=float)
+    own = frame[(frame.engine == "original") & (frame.threads == 1)].set_index(key)["median_ms"]
+    separate = frame.set_index(key).index.map(own).to_numpy(dtype=float)
+    frame["baseline_ms"] = frame.baseline_ms.astype(float).fillna(pd.Series(separate, index=frame.index))
+    frame["reduction"] = 1 - frame.median_ms / frame.baseline_ms
     frame["of_ideal"] = frame.reduction / frame.ideal.where(frame.ideal > 0)
     return frame
+
+
+# --- One decoder layer of a named shape (the GPU script: scripts/gpu_checks.sh) ----------------------
+
+def _time(call, warmup: int, repeats: int, sync, graphs: bool) -> list[float]:
+    """Seconds per call of `call`; with `graphs`, of the replay of a CUDA graph captured from it."""
+    if graphs:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up outside the graph, as torch.cuda.graph requires
+            for _ in range(3):
+                call()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            call()
+        call = graph.replay
+    seconds = []
+    for repeat in range(warmup + repeats):
+        sync()
+        start = time.perf_counter()
+        call()
+        sync()
+        seconds.append(time.perf_counter() - start)
+    return seconds[warmup:]
+
+
+@torch.no_grad()
+def layer_latency(shape: str, lengths: list[int], context: int, dtype: str = "bfloat16", device: str = "cuda",
+                  graphs: bool = False, warmup: int = 5, repeats: int = 20) -> list[dict]:
+    """Prefill of T tokens and one decode step over a `context`-token static KV cache, for one decoder
+    layer of `random:<shape>` with random weights: the per-layer time the simulator scales from."""
+    from transformers import StaticCache
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    from .models import DTYPES, random_config
+
+    if graphs and not str(device).startswith("cuda"):
+        raise runtime.EngineError(f"--graphs needs a CUDA device, got {device!r}")
+    config = random_config(f"random:{shape}")
+    config.num_hidden_layers, config._attn_implementation = 1, "sdpa"  # one layer: a 33B shape fits any GPU
+    torch.manual_seed(0)
+    with torch.device(device):  # built in place: no CPU copy of a big layer
+        layer = LlamaDecoderLayer(config, layer_idx=0).to(DTYPES[dtype]).eval()
+        rotary = LlamaRotaryEmbedding(config)
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+    records = []
+    for tokens in lengths:  # prefill: causal attention over the prompt, no cache
+        hidden = torch.randn(1, tokens, config.hidden_size, dtype=DTYPES[dtype], device=device)
+        positions = torch.arange(tokens, device=device)[None]
+        embeddings = rotary(hidden, positions)
+        seconds = _time(lambda: layer(hidden, position_embeddings=embeddings, position_ids=positions),
+                        warmup, repeats, sync, graphs)
+        records.append({"phase": "prefill", "tokens": tokens, **stats(seconds)})
+    cache = StaticCache(config=config, max_cache_len=context + 1)
+    hidden = torch.randn(1, 1, config.hidden_size, dtype=DTYPES[dtype], device=device)
+    position = torch.tensor([[context]], device=device)
+    embeddings, cache_position = rotary(hidden, position), position[0]
+    step = lambda: layer(hidden, position_embeddings=embeddings, position_ids=position,  # noqa: E731
+                         past_key_values=cache, use_cache=True, cache_position=cache_position)
+    records.append({"phase": "decode", "tokens": context, **stats(_time(step, warmup, repeats, sync, graphs))})
+    weights = sum(p.numel() * p.element_size() for p in layer.parameters())
+    return [{"shape": shape, "dtype": dtype, "device": str(device), "graphs": graphs, "layer_bytes": weights,
+             "batch_size": 1, **record} for record in records]

@@ -45,15 +45,16 @@ def run_latency(tmp_path, model, *args, settings=SETTINGS) -> dict:
     return json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("family, args", [
-    ("llama", ["--engine", "cqil", "--plan", "S2-E6-P2-D0"]),
-    ("llama", ["--engine", "cqil", "--plan", "S0-E8-P2-D1"]),  # starts at layer 0: the cache-slot remap matters
-    ("qwen2", ["--engine", "cqil", "--plan", "S2-E8-P2-D1-official"]),
-    ("llama", ["--engine", "tp", "--degree", "2"]),
-    ("qwen2", ["--engine", "tp", "--degree", "2"]),
+@pytest.mark.parametrize("family, args, placement", [
+    ("llama", ["--engine", "cqil", "--plan", "S2-E6-P2-D0"], "replicated"),
+    ("llama", ["--engine", "cqil", "--plan", "S0-E8-P2-D1"], "replicated"),  # from layer 0: the cache-slot remap
+    ("qwen2", ["--engine", "cqil", "--plan", "S2-E8-P2-D1-official"], "replicated"),
+    ("llama", ["--engine", "cqil", "--plan", "S2-E6-P2-D1"], "rank0"),  # the official code's placement
+    ("llama", ["--engine", "tp", "--degree", "2"], None),
+    ("qwen2", ["--engine", "tp", "--degree", "2"], None),
 ])
-def test_two_ranks_match_one_process(tiny_dirs, tmp_path, family, args):
-    result = run_latency(tmp_path, tiny_dirs[family], *args)
+def test_two_ranks_match_one_process(tiny_dirs, tmp_path, family, args, placement):
+    result = run_latency(tmp_path, tiny_dirs[family], *args, settings=SETTINGS | {"placement": placement or "replicated"})
     check = result["check"]
     assert check["batch_size"] == 2 and check["decode_steps"] == 8
     assert check["positions"] == 2 * 16 - 16 // 4 + 2 * 8  # real prompt tokens + decode steps of both rows
@@ -63,6 +64,7 @@ def test_two_ranks_match_one_process(tiny_dirs, tmp_path, family, args):
     assert result["ranks"] == 2 and len(result["allreduce"]) == 2
     assert {(r["phase"], r["tokens"]) for r in result["records"]} == {("prefill", 12), ("decode", 12)}
     assert all(len(r["samples_ms"]) == 2 and r["p10_ms"] <= r["median_ms"] <= r["p90_ms"] for r in result["records"])
+    assert all(len(r["baseline_samples_ms"]) == 2 for r in result["records"])  # the original, timed in the same run
 
 
 def test_original_records_threads_and_parts(tiny_dirs, tmp_path):
@@ -82,11 +84,14 @@ def test_table_reductions():
         return {"model": "m", "engine": engine, "ranks": 2, "layers": 8, "check": None, "records": [record],
                 "plan": None, "degree": None, **extra}
 
-    frame = table([result("original", 100.0), result("cqil", 80.0, plan="S0-E8-P2-D0"), result("tp", 60.0, degree=2)])
+    interleaved = result("tp", 60.0, degree=2)
+    interleaved["records"][0]["baseline_median_ms"] = 120.0  # timed in the tp run itself: preferred
+    frame = table([result("original", 100.0), result("cqil", 80.0, plan="S0-E8-P2-D0"), interleaved])
     assert frame.setup.tolist() == ["original, 1 thread", "cqil S0-E8-P2-D0", "tp 2"]
-    assert frame.reduction.round(6).tolist() == [0.0, 0.2, 0.4]
+    assert frame.baseline.tolist() == ["separate run", "separate run", "same run"]
+    assert frame.reduction.round(6).tolist() == [0.0, 0.2, 0.5]
     assert frame.ideal.tolist() == [0.0, 0.5, 0.5]  # S0-E8-P2 on 8 layers: half the layers saved
-    assert frame.of_ideal.round(6).tolist()[1:] == [0.4, 0.8]
+    assert frame.of_ideal.round(6).tolist()[1:] == [0.4, 1.0]
 
 
 def test_bad_degree_and_world_refused_up_front(tiny_dirs, tmp_path, capsys):
@@ -152,3 +157,17 @@ def test_cli_launches_torchrun_and_rank0_writes(tiny_dirs, tmp_path):
     result = json.loads(out.read_text())
     assert result["plan"] == "S2-E6-P2-D0" and result["provenance"]["machine"]["cores"] >= 1
     assert LatencySettings(**result["settings"]).check_new_tokens == 8
+
+
+def test_layer_latency_on_cpu(tmp_path, capsys):
+    """The GPU script's command, on CPU and one small shape: prefill and decode records of one layer."""
+    out = tmp_path / "layers.json"
+    main(["layer-latency", "--shapes", "llama-135m", "--lengths", "8", "--context", "16", "--dtype", "float32",
+          "--device", "cpu", "--modes", "eager", "--warmup", "1", "--repeats", "2", "--out", str(out)])
+    records = json.loads(out.read_text())["records"]
+    assert [(r["phase"], r["tokens"]) for r in records] == [("prefill", 8), ("decode", 16)]
+    assert records[0]["layer_bytes"] == 4 * (2 * 576 * 576 + 2 * 576 * 288 + 3 * 576 * 1536 + 2 * 576)
+    assert "| llama-135m" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["layer-latency", "--shapes", "llama-135m", "--device", "cpu", "--modes", "graphs", "--out", str(out)])
+    assert "--graphs needs a CUDA device" in capsys.readouterr().err

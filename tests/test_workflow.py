@@ -62,7 +62,11 @@ def test_default_config_is_valid():
     ("search.ends", [26, 32], "config.search.ends[1]: 32 does not fit model 'smollm2-135m' with 30 layers"),
     ("search.include", ["S18-E32-P2-D0"], "config.search.include[0]: plan S18-E32-P2-D0: E=32 exceeds the model's 30 layers"),
     ("select.always", ["S18-E28-P3-D0"], "config.select.always[0]: plan S18-E28-P3-D0: E-S=10 must be a multiple of P=3"),
-    ("models", ["llama-7b"], "config.models[0]: 'llama-7b' is not in config.catalog (smollm2-135m)"),
+    ("models", ["llama-7b"], "config.models[0]: 'llama-7b' is not in config.catalog (smollm2-135m, llama-135m)"),
+    ("latency.tp_degrees", [1], "config.latency.tp_degrees[0]: 1 is less than the minimum of 2"),
+    ("latency.models", ["llama-7b"], "config.latency.models[0]: 'llama-7b' is not in config.catalog"),
+    ("latency.plans", ["S12-E32-P2-D0"], "config.latency.plans[0]: plan S12-E32-P2-D0: E=32 exceeds the model's 30 layers"),
+    ("catalog.smollm2-135m.heads", None, "config.catalog.smollm2-135m: needs heads for config.latency.tp_degrees"),
     ("search.sizes", [11], "config.search: the grid has no valid plan for model 'smollm2-135m'"),
 ])
 def test_bad_config_fails_with_one_line(path, value, message):
@@ -83,9 +87,11 @@ def test_snakemake_reports_a_bad_config_before_any_job(tmp_path):
 
 def test_dry_run_of_the_default():
     out = snakemake("-n", "--config", "run=dryrun").stdout
-    assert jobs(out) == {"prepare_model": 1, "corpus": 1, "similarity": 1, "sensitivity": 1, "search": 1,
-                         "select": 1, "figures": 1, "selected_scores": 1, "finetuned": 1,
-                         "quality": 1, "all": 1, "total": 11}  # per-plan jobs appear once `select` has run
+    assert jobs(out) == {"prepare_model": 2, "corpus": 1, "similarity": 1, "sensitivity": 1, "search": 1,
+                         "select": 1, "figures": 1, "selected_scores": 1, "finetuned": 1, "quality": 1,
+                         "latency": 7, "latency_table": 2, "all": 1, "total": 21}  # per-plan jobs come after `select`
+    # latency: smollm2-135m has 9 heads, so no tp-2; the random llama-135m (8 heads) gets it
+    assert "results/dryrun/llama-135m/latency/tp-2.json" in out and "smollm2-135m/latency/tp-2" not in out
 
 
 def test_dry_run_with_another_model(tiny_dir, tmp_path):
@@ -136,6 +142,11 @@ def test_real_run_on_the_default_model(tmp_path):
     assert set(quality.task) == {"heldout", "cqil_heldout", "cqil_cloze"} and (out / "quality.md").exists()
     heldout = quality[(quality.task == "heldout") & (quality.metric == "kl")].set_index(["plan", "stage"]).value
     assert heldout[("original", "original")] == 0 and len(heldout) == 1 + 2 * len(selected)
+    for model, setups in (("smollm2-135m", 2), ("llama-135m", 3)):  # original, cqil (and tp where heads divide)
+        latency = pd.read_csv(ROOT / "results" / "pytest" / model / "latency.csv")
+        assert latency.setup.nunique() == setups + 1  # the original at 1 and 2 threads
+        assert (latency.check_max_abs_diff.dropna() < 1e-4).all() and latency.check_max_abs_diff.notna().any()
+        assert (ROOT / "results" / "pytest" / model / "figures" / "latency.png").stat().st_size > 10_000
     provenance = json.loads((out / "search.json").read_text())["provenance"]
     assert provenance["settings"]["settings"]["sizes"] == [2, 4] and provenance["git"]
 
@@ -148,3 +159,10 @@ def test_real_run_on_the_default_model(tmp_path):
     multi = snakemake("--configfile", "tests/data/small.yaml", str(tmp_path / "gpus.yaml"), "--config", "run=pytest",
                       "-n", "-p").stdout
     assert "torchrun --standalone --nproc_per_node 2 -m cqil --threads 2 finetune" in multi
+    # latency jobs on GPUs ask for one per rank
+    (tmp_path / "gpus.yaml").write_text("resources:\n  latency: {gpu: 1}\n")
+    multi = snakemake("--configfile", "tests/data/small.yaml", str(tmp_path / "gpus.yaml"), "--config", "run=gpus",
+                      "-n", "-p").stdout
+    for setup, gpus in (("original", 1), ("cqil-S16-E28-P2-D0", 2), ("tp-2", 2)):
+        job = multi.split(f"output: results/gpus/llama-135m/latency/{setup}.json")[1].split("Shell command")[0]
+        assert f"gpu={gpus}" in job, job

@@ -5,6 +5,7 @@ import shlex
 from pathlib import Path
 
 from cqil.config import ConfigError, check_config
+from cqil.plan import Plan
 
 try:
     check_config(config, Path(workflow.basedir) / "schemas" / "config.schema.yaml")
@@ -20,8 +21,12 @@ def log_path(rule, suffix="log"):
     return f"logs/{config['run']}/{rule}/{{model}}.{suffix}"
 
 
+LATENCY_MODELS = config.get("latency", {}).get("models", [])
+
+
 wildcard_constraints:
-    model="|".join(map(re.escape, config["models"])),
+    model="|".join(map(re.escape, dict.fromkeys(config["models"] + LATENCY_MODELS))),
+    setup=r"original|cqil-S\d+-E\d+-P\d+-D\d+(-official)?|tp-\d+",
     plan=r"S\d+-E\d+-P\d+-D\d+(-official)?",
     variant=r"original|S\d+-E\d+-P\d+-D\d+(-official)?(-finetuned)?",
 
@@ -97,6 +102,30 @@ def launcher(rule):
     return f"torchrun --standalone --nproc_per_node {gpus} -m cqil" if gpus > 1 else "cqil"
 
 
+def latency_setups(model):
+    """What the latency stage times for a model: the original, each plan, each TP degree that splits its heads."""
+    entry = config["catalog"][model]
+    degrees = [n for n in config["latency"]["tp_degrees"] if entry["heads"] % n == 0 and entry["kv_heads"] % n == 0]
+    return ["original"] + [f"cqil-{plan}" for plan in config["latency"]["plans"]] + [f"tp-{n}" for n in degrees]
+
+
+def latency_inputs(wildcards):
+    return expand(f"{RESULTS}/latency/{{setup}}.json", model=wildcards.model, setup=latency_setups(wildcards.model))
+
+
+def engine_args(wildcards):
+    """`cqil latency` flags of a setup name."""
+    engine, _, rest = wildcards.setup.partition("-")
+    return {"original": "--engine original", "cqil": f"--engine cqil --plan {rest}", "tp": f"--engine tp --degree {rest}"}[engine]
+
+
+def latency_gpus(wildcards):
+    """GPUs of a latency job: one per rank when config.resources.latency.gpu is set, else none."""
+    engine, _, rest = wildcards.setup.partition("-")
+    ranks = Plan.parse(rest).size if engine == "cqil" else int(rest) if engine == "tp" else 1
+    return ranks if res("latency", "gpu") else 0
+
+
 FIGURES = ["similarity_heatmap", "similarity_adjacent", "sensitivity", "frontier"]
 
 
@@ -105,4 +134,4 @@ def final_targets():
         [f"{RESULTS}/corpus.json", f"{RESULTS}/selected_scores.csv", f"{RESULTS}/finetuned.csv", f"{RESULTS}/quality.csv"]
         + [f"{RESULTS}/figures/{name}.png" for name in FIGURES],
         model=config["models"],
-    )
+    ) + expand([f"{RESULTS}/latency.csv", f"{RESULTS}/figures/latency.png"], model=LATENCY_MODELS)

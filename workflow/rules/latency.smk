@@ -1,0 +1,42 @@
+# {setup} is `original`, `cqil-<plan>` (P ranks) or `tp-<n>` (n ranks); `cqil latency` starts torchrun itself.
+# The job takes every core Snakemake has, so nothing else runs while it is timed.
+rule latency:
+    input:
+        rules.prepare_model.output,
+    output:
+        f"{RESULTS}/latency/{{setup}}.json",
+    params:
+        spec=spec,
+        dtype=dtype,
+        engine=engine_args,
+        settings=settings("latency", drop=("models", "plans", "tp_degrees")),
+    log:
+        f"logs/{config['run']}/latency/{{model}}/{{setup}}.log",
+    benchmark:
+        f"logs/{config['run']}/latency/{{model}}/{{setup}}.benchmark.tsv"
+    threads: workflow.cores
+    resources:
+        mem_mb=res("latency", "mem_mb"),
+        runtime=res("latency", "runtime"),
+        gpu=latency_gpus,
+    shell:
+        "cqil latency --model {params.spec:q} --dtype {params.dtype} {params.engine}"
+        " --settings {params.settings} --out {output} > {log} 2>&1"
+
+
+# The latency table (CSV + Markdown) and its figure: reductions against the 1-thread original and the ideal.
+rule latency_table:
+    input:
+        latency_inputs,
+    output:
+        table=f"{RESULTS}/latency.csv",
+        markdown=f"{RESULTS}/latency.md",
+        figure=multiext(f"{RESULTS}/figures/latency", ".png", ".pdf"),
+    params:
+        figure=f"{RESULTS}/figures/latency",
+    log:
+        log_path("latency_table"),
+    threads: 1
+    shell:
+        "cqil latency-table {input} --out {output.table} --figure {params.figure} --title {wildcards.model}"
+        " > {log} 2>&1"
