@@ -100,6 +100,9 @@ def loss_figure(frame: pd.DataFrame, title: str, path) -> None:
     save_figure(fig, path)
 
 
+FLOOR = -60  # % reduction: slower setups are drawn down to here, with their value written on the bar
+
+
 def latency_figure(frame: pd.DataFrame, results: list[dict], title: str, path) -> None:
     """Left: measured reduction of each setup against the 1-thread original, with its ideal. Right: all-reduce
     time against message size, beside the time of one decoder layer (what a group all-reduce must stay below)."""
@@ -110,19 +113,26 @@ def latency_figure(frame: pd.DataFrame, results: list[dict], title: str, path) -
     for k, (phase, tokens) in enumerate(kinds):
         part = shown[(shown.phase == phase) & (shown.tokens == tokens)].set_index("setup").reindex(setups)
         label = f"prefill {tokens} tokens" if phase == "prefill" else f"decode (context {tokens})"
-        left.bar(np.arange(len(setups)) + (k - (len(kinds) - 1) / 2) * width, 100 * part.reduction, width, label=label)
+        x, height = np.arange(len(setups)) + (k - (len(kinds) - 1) / 2) * width, 100 * part.reduction.to_numpy()
+        left.bar(x, np.maximum(height, FLOOR), width, label=label)
+        for xi, hi in zip(x, height):  # a bar cut at the floor says how far it goes
+            if hi < FLOOR:
+                left.text(xi, FLOOR, f"{hi:.0f}%", rotation=90, ha="center", va="bottom", fontsize=7, color="white")
     ideals = shown.groupby("setup", sort=False).ideal.first().reindex(setups)
     left.hlines(100 * ideals, np.arange(len(setups)) - 0.45, np.arange(len(setups)) + 0.45, colors="black",
                 linestyles="dashed", label="ideal")
     left.axhline(0, color="grey", linewidth=0.8)
+    if 100 * shown.reduction.min() < FLOOR:
+        left.set_ylim(bottom=FLOOR - 5)
     left.set_xticks(np.arange(len(setups)), setups, rotation=15, ha="right")
     left.set(ylabel="latency reduction vs 1-thread original (%)", title=title)
-    left.legend(fontsize=8)
+    left.legend(fontsize=8, loc="lower left")
     allreduce = pd.DataFrame([dict(r, setup=f"{r['ranks']} ranks") for result in results for r in result["allreduce"]])
     if len(allreduce):
         allreduce = allreduce.drop_duplicates("bytes").sort_values("bytes")
         right.errorbar(allreduce.bytes, allreduce.median_ms, yerr=[allreduce.median_ms - allreduce.p10_ms,
-                       allreduce.p90_ms - allreduce.median_ms], marker="o", capsize=3, label="all-reduce (median, p10-p90)")
+                       allreduce.p90_ms - allreduce.median_ms], marker="o", capsize=3,
+                       label=f"all-reduce, {allreduce.ranks.iloc[0]} ranks (median, p10-p90)")
     parts = [p for result in results for p in result["parts"] if p["threads"] == 1]
     for part, color in zip(parts, plt.cm.tab10.colors[2:]):
         right.axhline(part["prefill_layer_ms"], color=color, linestyle="dotted",
