@@ -22,6 +22,7 @@ from .finetune import FinetuneError
 from .models import DTYPES, ModelError, describe, load_model
 from .plan import Plan, PlanError
 from .runtime import EngineError
+from .simulate import SimulateError
 
 
 class InputError(ValueError):
@@ -359,6 +360,40 @@ def cmd_layer_latency(args) -> None:
     print(pd.DataFrame(records)[columns].to_markdown(index=False, floatfmt=".4g"))
 
 
+def cmd_simulate(args) -> None:
+    """Predicted latency of the paper's models on GPUs (analytic model), validated on this machine's runs."""
+    import numpy as np
+    import pandas as pd
+
+    from . import report, simulate
+    from .io import atomic, provenance, write_csv, write_json
+
+    settings = _settings(simulate.SimulateSettings, args.settings)
+    out = Path(args.out_dir)
+    predicted = pd.DataFrame(simulate.predictions(settings.plans, settings.hardware, list(settings.tp_degrees),
+                                                  list(settings.prefill_tokens), settings.max_ranks))
+    results = [json.loads(Path(path).read_text()) for path in args.latency]
+    by_model = {}
+    for result in results:
+        by_model.setdefault(result["model"], []).append(result)
+    checked = pd.DataFrame([row for group in by_model.values() for row in simulate.validation(group)])
+    first = next(iter(settings.plans))  # CQIL vs TP vs CQIL x TP as the all-reduce gets slower
+    plans = [p for p in settings.plans[first] if p.endswith("-D0")]
+    setups = [(None, 1)] + [(p, 1) for p in plans] + [(None, n) for n in settings.tp_degrees] \
+        + [(p, n) for p in plans for n in settings.tp_degrees if Plan.parse(p).size * n <= settings.max_ranks]
+    swept = pd.DataFrame(simulate.sweep(first, simulate.HARDWARE[settings.hardware[0]], setups,
+                                        np.geomspace(1, 200, 25)))
+    for name, frame in (("predictions", predicted), ("validation", checked), ("crossover", swept)):
+        write_csv(out / f"{name}.csv", frame)
+        with atomic(out / f"{name}.md") as tmp:
+            tmp.write_text(frame.to_markdown(index=False, floatfmt=".4g") + "\n")
+    write_json(out / "simulation.json", {"hardware": {name: asdict(hw) for name, hw in simulate.HARDWARE.items()},
+                                         "fitted": {model: asdict(simulate.fit_runs(group))
+                                                    for model, group in by_model.items()},
+                                         "provenance": provenance(_record(args, settings))})
+    report.simulation_figures(predicted, checked, swept, out)
+
+
 def cmd_latency_table(args) -> None:
     """Latency table (CSV + Markdown) and figure from `cqil latency` JSON files of one model."""
     from . import report
@@ -482,6 +517,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--out", required=True, help="JSON records")
+    p = command(cmd_simulate, "simulate")
+    p.add_argument("--latency", nargs="*", default=[], help="`cqil latency` JSON files to fit and validate on")
+    p.add_argument("--settings", default="{}", help="JSON object of SimulateSettings fields (config: simulate)")
+    p.add_argument("--out-dir", required=True, help="predictions.*, validation.*, simulation.json and figures")
     p = command(cmd_latency_table, "latency-table")
     p.add_argument("inputs", nargs="+", help="JSON files written by `cqil latency` for one model")
     p.add_argument("--out", required=True, help="CSV; a Markdown table is written beside it")
@@ -499,7 +538,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     try:
         args.func(args)
-    except (PlanError, ModelError, CorpusError, FinetuneError, InputError, EngineError) as err:
+    except (PlanError, ModelError, CorpusError, FinetuneError, InputError, EngineError, SimulateError) as err:
         print(f"cqil: error: {err}", file=sys.stderr)
         sys.exit(2)
 

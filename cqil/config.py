@@ -43,7 +43,8 @@ def check_plans(config: dict) -> None:
                 if value > layers or (field == "starts" and value >= layers):
                     raise ConfigError(f"config.search.{field}[{i}]: {value} does not fit model {name!r} "
                                       f"with {layers} layers (0 <= S < E <= {layers})")
-        for field, names in (("search.include", search.get("include", [])), ("select.always", select.get("always", []))):
+        for field, names in (("search.include", search.get("include", [])), ("select.always", select.get("always", [])),
+                             (f"catalog.{name}.plans", config["catalog"][name].get("plans", []))):
             for i, plan in enumerate(names):
                 try:
                     Plan.parse(plan).validate(layers)
@@ -61,17 +62,28 @@ def check_latency(config: dict) -> None:
         entry = config["catalog"].get(name)
         if entry is None:
             raise ConfigError(f"config.latency.models[{i}]: {name!r} is not in config.catalog ({', '.join(config['catalog'])})")
-        for j, plan in enumerate(latency["plans"]):
-            try:
-                Plan.parse(plan).validate(entry["layers"])
-            except PlanError as err:
-                raise ConfigError(f"config.latency.plans[{j}]: {err} (model {name!r})") from None
+        for field, plans in (("latency.plans", latency["plans"]), (f"catalog.{name}.plans", entry.get("plans", []))):
+            for j, plan in enumerate(plans):
+                try:
+                    Plan.parse(plan).validate(entry["layers"])
+                except PlanError as err:
+                    raise ConfigError(f"config.{field}[{j}]: {err} (model {name!r})") from None
         missing = [key for key in ("heads", "kv_heads") if key not in entry]
         if latency["tp_degrees"] and missing:
             raise ConfigError(f"config.catalog.{name}: needs {' and '.join(missing)} for config.latency.tp_degrees")
+
+
+def check_simulate(config: dict) -> None:
+    from .simulate import SimulateError, SimulateSettings
+
+    try:
+        SimulateSettings(**config.get("simulate", {}))
+    except SimulateError as err:
+        raise ConfigError(f"config.{err}") from None
 
 
 def check_config(config: dict, schema_path) -> None:
     check_schema(config, schema_path)
     check_plans(config)
     check_latency(config)
+    check_simulate(config)

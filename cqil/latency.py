@@ -31,6 +31,8 @@ from .models import decoder_layers, load_model
 from .plan import Plan
 
 ENGINES = ("original", "cqil", "tp")
+SHAPE = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+         "vocab_size")  # what the simulator needs to know of the model
 
 
 @dataclass(frozen=True)
@@ -254,7 +256,8 @@ def measure(spec: str, engine: str, settings: LatencySettings, plan: Plan | None
         return None
     return {"model": spec, "engine": engine, "plan": str(plan) if plan else None, "degree": degree, "ranks": world,
             "device": ranks.device.type, "backend": backend, "dtype": str(model.dtype).removeprefix("torch."),
-            "layers": model.config.num_hidden_layers, "check": check, "records": records, "parts": parts,
+            "layers": model.config.num_hidden_layers, "shape": {key: getattr(model.config, key) for key in SHAPE},
+            "check": check, "records": records, "parts": parts,
             "allreduce": allreduce}
 
 

@@ -68,6 +68,10 @@ SHAPES = {
                       num_key_value_heads=40, vocab_size=32000),
     "llama-33b": dict(hidden_size=6656, intermediate_size=17920, num_hidden_layers=60, num_attention_heads=52,
                       num_key_value_heads=52, vocab_size=32000),
+    "llama-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                      num_key_value_heads=8, vocab_size=32000),  # Llama-2-70B (grouped-query attention)
+    "qwen1.5-14b": dict(hidden_size=5120, intermediate_size=13696, num_hidden_layers=40, num_attention_heads=40,
+                        num_key_value_heads=40, vocab_size=152064),  # its shape; Qwen's q/k/v biases left out
 }
 RANDOM = "random:"
 

@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -143,3 +145,46 @@ def latency_figure(frame: pd.DataFrame, results: list[dict], title: str, path) -
               title="all-reduce vs one decoder layer")
     right.legend(fontsize=8)
     save_figure(fig, path)
+
+
+def simulation_figures(predicted: pd.DataFrame, checked: pd.DataFrame, swept: pd.DataFrame, out) -> None:
+    """Predicted CQIL reduction against P per model and hardware; CQIL vs TP vs CQIL x TP as the all-reduce
+    slows down; predictions against this machine's measurements."""
+    decode = predicted[(predicted.phase == "decode") & predicted.setup.str.match(r"cqil S\d+-E\d+-P\d+-D0$")]
+    hardware = list(dict.fromkeys(decode.hardware))
+    fig, axes = plt.subplots(1, len(hardware), figsize=(3.6 * len(hardware), 3.6), sharey=True, squeeze=False)
+    for ax, hw in zip(axes[0], hardware):
+        for (shape, part), color in zip(decode[decode.hardware == hw].groupby("shape", sort=False), plt.cm.tab10.colors):
+            ax.plot(part.ranks, 100 * part.reduction, marker="o", color=color, label=shape)
+            ax.plot(part.ranks, 100 * part.ideal, linestyle="dashed", color=color, alpha=0.6)
+            known = part[part.paper.notna()]
+            ax.scatter(known.ranks, 100 * known.paper.astype(float), marker="*", s=120, color=color, edgecolor="black",
+                       zorder=3)
+        ax.set(title=hw, xlabel="P (layers per group = GPUs)", xticks=sorted(decode.ranks.unique()))
+    axes[0][0].set_ylabel("decode latency reduction (%)")
+    axes[0][0].legend(fontsize=7, title="solid: predicted, dashed: ideal, *: paper", title_fontsize=7)
+    save_figure(fig, Path(out) / "simulation_reduction")
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, small in zip(axes, (True, False)):
+        part = swept[(swept.ranks <= 4) == small]
+        for setup, line in part.groupby("setup", sort=False):
+            gpus = line.ranks.iloc[0]
+            ax.plot(line.allreduce_us, line.ms, label=f"{setup} ({gpus} GPU{'s' if gpus > 1 else ''})",
+                    linestyle="dashed" if setup.startswith("tp") else "solid")
+        ax.set(xscale="log", xlabel="small all-reduce latency (us)",
+               title=f"{swept['shape'].iloc[0]}, {'up to 4' if small else '8'} GPUs, {swept.hardware.iloc[0]}")
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("decode latency (ms/token, predicted)")
+    save_figure(fig, Path(out) / "simulation_crossover")
+
+    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    for setup, part in checked.groupby("setup", sort=False):
+        ax.scatter(part.measured_ms, part.predicted_ms, label=setup, marker="o" if part.fitted_on.all() else "^")
+    values = checked[["measured_ms", "predicted_ms"]].to_numpy()
+    limits = [values.min() * 0.8, values.max() * 1.2]
+    ax.plot(limits, limits, color="grey", linewidth=0.8)
+    ax.set(xscale="log", yscale="log", xlabel="measured (ms)", ylabel="predicted (ms)",
+           title="this machine: fitted on the original (o), predicted (^)")
+    ax.legend(fontsize=7)
+    save_figure(fig, Path(out) / "simulation_validation")

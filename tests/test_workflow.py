@@ -66,6 +66,8 @@ def test_default_config_is_valid():
     ("latency.tp_degrees", [1], "config.latency.tp_degrees[0]: 1 is less than the minimum of 2"),
     ("latency.models", ["llama-7b"], "config.latency.models[0]: 'llama-7b' is not in config.catalog"),
     ("latency.plans", ["S12-E32-P2-D0"], "config.latency.plans[0]: plan S12-E32-P2-D0: E=32 exceeds the model's 30 layers"),
+    ("simulate.plans", {"llama-8b": []}, "config.simulate.plans: unknown shape 'llama-8b'"),
+    ("simulate.hardware", ["TPU"], "config.simulate.hardware: unknown preset 'TPU'"),
     ("catalog.smollm2-135m.heads", None, "config.catalog.smollm2-135m: needs heads for config.latency.tp_degrees"),
     ("search.sizes", [11], "config.search: the grid has no valid plan for model 'smollm2-135m'"),
 ])
@@ -89,7 +91,7 @@ def test_dry_run_of_the_default():
     out = snakemake("-n", "--config", "run=dryrun").stdout
     assert jobs(out) == {"prepare_model": 2, "corpus": 1, "similarity": 1, "sensitivity": 1, "search": 1,
                          "select": 1, "figures": 1, "selected_scores": 1, "finetuned": 1, "quality": 1,
-                         "latency": 7, "latency_table": 2, "all": 1, "total": 21}  # per-plan jobs come after `select`
+                         "latency": 7, "latency_table": 2, "simulate": 1, "all": 1, "total": 22}  # per-plan jobs come after `select`
     # latency: smollm2-135m has 9 heads, so no tp-2; the random llama-135m (8 heads) gets it
     assert "results/dryrun/llama-135m/latency/tp-2.json" in out and "smollm2-135m/latency/tp-2" not in out
 
@@ -103,6 +105,19 @@ def test_dry_run_with_another_model(tiny_dir, tmp_path):
     out = snakemake("-n", "--configfile", str(tmp_path / "tiny.yaml")).stdout
     assert jobs(out)["corpus"] == 2 and jobs(out)["search"] == 2
     assert f"--model {tiny_dir}" in out and "results/dryrun/tiny/search.csv" in out
+
+
+def test_dry_run_of_the_paper_config():
+    """The paper's setup plans its whole DAG offline: four Hub models, their official plans, GPUs per job."""
+    out = snakemake("-n", "-p", "--configfile", "config/paper.yaml").stdout
+    counts = jobs(out)
+    assert counts["prepare_model"] == 4 and counts["search"] == 4 and counts["simulate"] == 1
+    # 7B: original, S12-E30-P2-D0 (latency.plans) + its 3 official plans, tp 2 and 4; 13B: 4; 33B, Qwen: 5 each
+    assert counts["latency"] == 6 + 4 + 5 + 5
+    assert "--model huggyllama/llama-7b" in out and "results/paper/qwen1.5-14b/latency/cqil-S17-E37-P2-D0.json" in out
+    job = out.split("output: results/paper/llama-33b/latency/cqil-S18-E58-P4-D0.json")[1].split("Shell command")[0]
+    assert "gpu=4" in job
+    assert '"include": ["S12-E30-P2-D0", "S12-E30-P2-D1", "S14-E30-P4-D0"]' in out  # 7B's search scores its plans
 
 
 def test_lint():
@@ -147,6 +162,8 @@ def test_real_run_on_the_default_model(tmp_path):
         assert latency.setup.nunique() == setups + 1  # the original at 1 and 2 threads
         assert (latency.check_max_abs_diff.dropna() < 1e-4).all() and latency.check_max_abs_diff.notna().any()
         assert (ROOT / "results" / "pytest" / model / "figures" / "latency.png").stat().st_size > 10_000
+    validation = pd.read_csv(ROOT / "results" / "pytest" / "simulation" / "validation.csv")
+    assert set(validation.model) == {"smollm2-135m", "random:llama-135m"} and validation.error.notna().all()
     provenance = json.loads((out / "search.json").read_text())["provenance"]
     assert provenance["settings"]["settings"]["sizes"] == [2, 4] and provenance["git"]
 

@@ -14,6 +14,8 @@ except ConfigError as err:  # one line, before any job runs
 
 RESULTS = f"results/{config['run']}/{{model}}"
 RESOURCES = f"resources/{config['run']}/{{model}}"
+SIMULATION = f"results/{config['run']}/simulation"
+SIMULATION_FIGURES = ["simulation_reduction", "simulation_crossover", "simulation_validation"]
 
 
 def log_path(rule, suffix="log"):
@@ -47,6 +49,22 @@ def settings(section, drop=("split",)):
     """A config section as the quoted JSON that `cqil <stage> --settings` reads."""
     values = {k: v for k, v in config[section].items() if k not in drop}
     return shlex.quote(json.dumps(values, sort_keys=True))
+
+
+def model_settings(section, field):
+    """`settings` per model: the model's catalog `plans` join the list config[section][field]."""
+
+    def params(wildcards):
+        values = {k: v for k, v in config[section].items() if k != "split"}
+        values[field] = list(dict.fromkeys(values.get(field, []) + model_plans(wildcards.model)))
+        return shlex.quote(json.dumps(values, sort_keys=True))
+
+    return params
+
+
+def model_plans(model):
+    """Plans a model always carries: scored, selected and timed (the paper config's official plans)."""
+    return config["catalog"][model].get("plans", [])
 
 
 def res(rule, key):
@@ -106,11 +124,16 @@ def latency_setups(model):
     """What the latency stage times for a model: the original, each plan, each TP degree that splits its heads."""
     entry = config["catalog"][model]
     degrees = [n for n in config["latency"]["tp_degrees"] if entry["heads"] % n == 0 and entry["kv_heads"] % n == 0]
-    return ["original"] + [f"cqil-{plan}" for plan in config["latency"]["plans"]] + [f"tp-{n}" for n in degrees]
+    plans = dict.fromkeys(config["latency"]["plans"] + model_plans(model))
+    return ["original"] + [f"cqil-{plan}" for plan in plans] + [f"tp-{n}" for n in degrees]
+
+
+def latency_files(model):
+    return expand(f"{RESULTS}/latency/{{setup}}.json", model=model, setup=latency_setups(model))
 
 
 def latency_inputs(wildcards):
-    return expand(f"{RESULTS}/latency/{{setup}}.json", model=wildcards.model, setup=latency_setups(wildcards.model))
+    return latency_files(wildcards.model)
 
 
 def engine_args(wildcards):
@@ -134,4 +157,5 @@ def final_targets():
         [f"{RESULTS}/corpus.json", f"{RESULTS}/selected_scores.csv", f"{RESULTS}/finetuned.csv", f"{RESULTS}/quality.csv"]
         + [f"{RESULTS}/figures/{name}.png" for name in FIGURES],
         model=config["models"],
-    ) + expand([f"{RESULTS}/latency.csv", f"{RESULTS}/figures/latency.png"], model=LATENCY_MODELS)
+    ) + expand([f"{RESULTS}/latency.csv", f"{RESULTS}/figures/latency.png"], model=LATENCY_MODELS) + (
+        [f"{SIMULATION}/predictions.csv"] if LATENCY_MODELS and "simulate" in config else [])

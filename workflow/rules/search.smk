@@ -8,7 +8,7 @@ rule search:
         spec=spec,
         dtype=dtype,
         split=config["search"].get("split", "search"),
-        settings=settings("search"),
+        settings=model_settings("search", "include"),
     log:
         log_path("search"),
     benchmark:
@@ -30,7 +30,7 @@ checkpoint select:
     output:
         f"{RESULTS}/selected.json",
     params:
-        settings=settings("select"),
+        settings=model_settings("select", "always"),
     log:
         log_path("select"),
     benchmark:

@@ -1,0 +1,254 @@
+"""Analytic latency of the original model, CQIL, TP and CQIL x TP, for hardware we do not have.
+
+    hw = HARDWARE["A100-80GB/nccl"]
+    latency(SHAPES["llama-7b"], hw, "decode", plan=Plan.parse("S12-E30-P2-D0"))   # seconds per token
+
+The model of ../shared/notes/performance.md (sections 3 and 7), batch 1:
+- one layer: its weight bytes over the memory bandwidth (decode) or its FLOPs over the compute rate
+  (prefill of T tokens: 2·params·T + 2·T²·d for causal attention), plus a fixed cost per layer;
+- an all-reduce of m bytes over n ranks: a latency that grows with log2(n), plus m·2(n-1)/n over the
+  bus bandwidth;
+- the rest of a forward (embedding, final norm, the head on one position, sampling): the head's weight
+  bytes over the bandwidth plus a fixed cost.
+CQIL runs the layers outside [S, E) as usual and each group as one layer plus one all-reduce (and one
+all-gather for bypass D >= 1), as `runtime/cqil.py` does with replicated placement. TP(n) splits every
+layer and the head n ways with two all-reduces per layer (gpt-fast's scheme). CQIL x TP splits each
+layer over n ranks and sums each group across its P layers with one more all-reduce (not fused).
+`fit` estimates the parameters of the machine that ran `cqil latency` from that run's own records.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from .models import SHAPES
+from .plan import Plan
+
+US = 1e-6
+
+
+class SimulateError(ValueError):
+    """Settings the simulator cannot use; the message is one line."""
+
+
+@dataclass(frozen=True)
+class Hardware:
+    name: str
+    bandwidth: float  # bytes/s: effective rate of streaming weights from memory
+    flops: float  # FLOP/s: effective dense compute (prefill)
+    layer_fixed: float  # s per layer and forward: kernel launches, small kernels
+    rest_fixed: float  # s per forward outside the layers, beyond reading the head's weights
+    allreduce_latency: float  # s: a small all-reduce over 2 ranks ...
+    allreduce_per_doubling: float  # s: ... and how much more each doubling of the ranks costs
+    bus_bandwidth: float  # bytes/s: large all-reduce messages
+    source: str = ""
+
+
+# Presets (performance.md, tables 1b, 1c and 3.3): A100 calibrated against gpt-fast's TP numbers,
+# H100 estimated (about +-20%). "nccl" is NCCL as PyTorch calls it in a CUDA-graph decode loop;
+# "oneshot" a custom one-shot all-reduce (gpt-fast ENABLE_INTRA_NODE_COMM, vLLM, TRT-LLM).
+_A100 = dict(flops=208e12, layer_fixed=42 * US, rest_fixed=420 * US, bus_bandwidth=210e9)  # rest: t_o 0.57 ms for 7B
+_H100 = dict(flops=600e12, layer_fixed=30 * US, rest_fixed=300 * US, bus_bandwidth=370e9)
+HARDWARE = {hw.name: hw for hw in [
+    Hardware("A100-80GB/nccl", 1.70e12, **_A100, allreduce_latency=32 * US, allreduce_per_doubling=9 * US,
+             source="gpt-fast Llama-2-7B TP 1/2/4/8 (plain NCCL), fitted; nccl-tests #123"),
+    Hardware("A100-80GB/oneshot", 1.70e12, **_A100, allreduce_latency=10 * US, allreduce_per_doubling=0,
+             source="gpt-fast with ENABLE_INTRA_NODE_COMM, fitted; pytorch PR 114001"),
+    Hardware("A100-40GB/nccl", 1.35e12, **_A100, allreduce_latency=32 * US, allreduce_per_doubling=9 * US,
+             source="A100-80GB/nccl with 1555 GB/s peak HBM (about 87% sustained)"),
+    Hardware("H100-SXM/nccl", 2.90e12, **_H100, allreduce_latency=12 * US, allreduce_per_doubling=5 * US,
+             source="estimated: 87% of 3.35 TB/s; NCCL NVLS with CUDA graphs (nccl #1259)"),
+    Hardware("H100-SXM/oneshot", 2.90e12, **_H100, allreduce_latency=5 * US, allreduce_per_doubling=1.5 * US,
+             source="estimated: custom all-reduce 3.7-5.9 us (sglang PR 2904)"),
+]}
+
+# What others measured, to compare predictions with (ms per token or fraction).
+PAPER = {("llama-7b", "S12-E30-P2-D0"): 0.262, ("llama-7b", "S14-E30-P4-D0"): 0.374,
+         ("llama-33b", "S18-E58-P4-D0"): 0.483}  # the 33B plan is inferred: P4 over 40 layers (PAPER.md)
+GPT_FAST = {"A100-80GB/nccl": {1: 9.53, 2: 7.34, 4: 5.93, 8: 5.58},  # Llama-2-7B, ms/token (README)
+            "A100-80GB/oneshot": {1: 9.53, 2: 5.92, 4: 3.94, 8: 3.05}}
+
+
+def layer_params(shape: dict) -> int:
+    d, f = shape["hidden_size"], shape["intermediate_size"]
+    d_kv = d * shape["num_key_value_heads"] // shape["num_attention_heads"]
+    return 2 * d * d + 2 * d * d_kv + 3 * d * f  # q, o; k, v; gate, up, down
+
+
+def layer_time(shape: dict, hw: Hardware, phase: str, tokens: int, split: int = 1, dtype_bytes: int = 2) -> float:
+    """One decoder layer split over `split` ranks; prefill is bound by compute or by bytes, whichever is slower."""
+    params = layer_params(shape) / split
+    streaming = params * dtype_bytes / hw.bandwidth
+    if phase == "decode":
+        return streaming + hw.layer_fixed
+    compute = (2 * params * tokens + 2 * tokens ** 2 * shape["hidden_size"] / split) / hw.flops
+    return max(compute, streaming) + hw.layer_fixed
+
+
+def allreduce_time(hw: Hardware, ranks: int, nbytes: float) -> float:
+    if ranks <= 1:
+        return 0.0
+    return (hw.allreduce_latency + hw.allreduce_per_doubling * (math.log2(ranks) - 1)
+            + nbytes * 2 * (ranks - 1) / ranks / hw.bus_bandwidth)
+
+
+def rest_time(shape: dict, hw: Hardware, split: int = 1, dtype_bytes: int = 2) -> float:
+    """Everything outside the layers (the head's weights for one position, embedding, sampling), split as gpt-fast's TP does."""
+    return (shape["hidden_size"] * shape["vocab_size"] * dtype_bytes / hw.bandwidth + hw.rest_fixed) / split
+
+
+def latency(shape: dict, hw: Hardware, phase: str, tokens: int = 1, plan: Plan | None = None, tp: int = 1,
+            dtype_bytes: int = 2) -> float:
+    """Seconds for one prefill of `tokens` tokens, or one decode step, of the original (plan None, tp 1),
+    CQIL (plan), TP (tp) or CQIL x TP (both) on P x tp ranks."""
+    message = (tokens if phase == "prefill" else 1) * shape["hidden_size"] * dtype_bytes
+    layer = layer_time(shape, hw, phase, tokens, tp, dtype_bytes) + 2 * allreduce_time(hw, tp, message)
+    rest, layers = rest_time(shape, hw, tp, dtype_bytes), shape["num_hidden_layers"]
+    if plan is None or plan.size == 1:
+        return layers * layer + rest
+    grouped, groups = plan.end - plan.start, (plan.end - plan.start) // plan.size
+    combine = allreduce_time(hw, plan.size, message) * (2 if plan.bypass else 1)  # + all-gather for bypass
+    return (layers - grouped) * layer + groups * (layer + combine) + rest
+
+
+def reduction(shape: dict, hw: Hardware, phase: str, tokens: int = 1, plan: Plan | None = None, tp: int = 1,
+              dtype_bytes: int = 2) -> float:
+    """1 - latency / latency of the original on one device."""
+    return 1 - (latency(shape, hw, phase, tokens, plan, tp, dtype_bytes)
+                / latency(shape, hw, phase, tokens, dtype_bytes=dtype_bytes))
+
+
+def crossover(shape: dict, hw: Hardware, plan: Plan, phase: str = "decode", tokens: int = 1) -> float:
+    """The small all-reduce latency (s) above which CQIL on P ranks beats TP on the same P ranks."""
+    def gap(a):  # CQIL minus TP: linear in the all-reduce latency
+        flat = replace(hw, allreduce_latency=a, allreduce_per_doubling=0)
+        return latency(shape, flat, phase, tokens, plan=plan) - latency(shape, flat, phase, tokens, tp=plan.size)
+
+    slope = (gap(1e-3) - gap(0.0)) / 1e-3
+    return -gap(0.0) / slope
+
+
+def fit(result: dict, allreduce: list[dict]) -> Hardware:
+    """This machine's parameters from an original run's 1-thread `parts` and all-reduce times vs size.
+
+    Prefill layer time against FLOPs gives the compute rate (slope) and the fixed cost per layer
+    (intercept); the decode layer time minus that fixed cost gives the bandwidth; the decode rest minus
+    the head's bytes gives the rest's fixed cost; the all-reduce times give latency and bus bandwidth.
+    """
+    shape, dtype_bytes = result["shape"], DTYPE_BYTES[result["dtype"]]
+    parts = [p for p in result["parts"] if p["threads"] == 1]
+    work = [2 * layer_params(shape) * p["tokens"] + 2 * p["tokens"] ** 2 * shape["hidden_size"] for p in parts]
+    slope, fixed = np.polyfit(work, [p["prefill_layer_ms"] / 1e3 for p in parts], 1) if len(parts) > 1 \
+        else (parts[0]["prefill_layer_ms"] / 1e3 / work[0], 0.0)
+    fixed = max(float(fixed), 0.0)
+    decode = np.median([p["decode_layer_ms"] for p in parts]) / 1e3
+    bandwidth = layer_params(shape) * dtype_bytes / max(decode - fixed, 1e-9)
+    head = shape["hidden_size"] * shape["vocab_size"] * dtype_bytes / bandwidth
+    rest = max(float(np.median([p["decode_rest_ms"] for p in parts])) / 1e3 - head, 0.0)
+    sizes = np.array([r["bytes"] for r in allreduce], dtype=float)
+    times = np.array([r["median_ms"] for r in allreduce]) / 1e3
+    per_byte, base = np.polyfit(sizes, times, 1) if len(allreduce) > 1 else (0.0, times[0])
+    return Hardware(f"fitted: {result['model']}", bandwidth, 1 / slope, fixed, rest, max(float(base), 0.0), 0.0,
+                    1 / max(float(per_byte), 1e-15), source="fitted to this machine's `cqil latency` records")
+
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
+
+
+def shape_of(name: str) -> dict:
+    return {**SHAPES[name], "name": name}
+
+
+def ideal(plan: Plan | None, tp: int, layers: int) -> float:
+    """Layers-only ideal: (E-S)(1-1/P)/L for CQIL, 1-1/n for TP, both combined for CQIL x TP."""
+    return 1 - (1 - (plan.ideal_reduction(layers) if plan else 0.0)) / tp
+
+
+def predictions(plans: dict[str, list[str]], hardware: list[str], degrees: list[int], prefill: list[int],
+                max_ranks: int = 8) -> list[dict]:
+    """Original, CQIL, TP and CQIL x TP (up to `max_ranks` ranks) for each named shape and hardware preset."""
+    rows = []
+    for name, names in plans.items():
+        shape, layers = shape_of(name), SHAPES[name]["num_hidden_layers"]
+        setups = [(None, 1)] + [(Plan.parse(p), 1) for p in names] + [(None, n) for n in degrees] \
+            + [(Plan.parse(p), n) for p in names for n in degrees if Plan.parse(p).size * n <= max_ranks]
+        for hw in map(HARDWARE.get, hardware):
+            for phase, tokens in [("decode", 1)] + [("prefill", t) for t in prefill]:
+                for plan, tp in setups:
+                    rows.append({"shape": name, "hardware": hw.name, "phase": phase, "tokens": tokens,
+                                 "setup": setup_name(plan, tp), "ranks": (plan.size if plan else 1) * tp,
+                                 "ms": 1e3 * latency(shape, hw, phase, tokens, plan, tp),
+                                 "reduction": reduction(shape, hw, phase, tokens, plan, tp),
+                                 "ideal": ideal(plan, tp, layers),
+                                 "paper": PAPER.get((name, str(plan))) if tp == 1 and phase == "decode" else None,
+                                 "crossover_us": 1e6 * crossover(shape, hw, plan, phase, tokens)
+                                 if plan and tp == 1 else None})
+    return rows
+
+
+def setup_name(plan: Plan | None, tp: int) -> str:
+    if plan is None:
+        return "original" if tp == 1 else f"tp {tp}"
+    return f"cqil {plan}" + (f" x tp {tp}" if tp > 1 else "")
+
+
+def fit_runs(results: list[dict]) -> Hardware:
+    """`fit` on the runs of one model: the original's parts, the first all-reduce timings."""
+    original = next(r for r in results if r["engine"] == "original")
+    return fit(original, next((r["allreduce"] for r in results if r["allreduce"]), []))
+
+
+def validation(results: list[dict]) -> list[dict]:
+    """Fit this machine on the original's parts and the all-reduce times, then predict every cqil and tp
+    latency that was measured (held out from the fit): predicted against measured, and the reductions."""
+    original, hw = next(r for r in results if r["engine"] == "original"), fit_runs(results)
+    dtype_bytes, rows = DTYPE_BYTES[original["dtype"]], []
+    base = {(r["phase"], r["tokens"]): r["median_ms"] for r in original["records"] if r["threads"] == 1}
+    for result in results:
+        plan = Plan.parse(result["plan"]) if result["plan"] else None
+        tp = result["degree"] or 1
+        for record in (r for r in result["records"] if r["threads"] == 1):
+            args = (original["shape"], hw, record["phase"], record["tokens"])
+            baseline = record.get("baseline_median_ms", base[(record["phase"], record["tokens"])])
+            predicted = 1e3 * latency(*args, plan, tp, dtype_bytes)
+            rows.append({"model": result["model"], "setup": setup_name(plan, tp), "phase": record["phase"],
+                         "tokens": record["tokens"], "measured_ms": record["median_ms"], "predicted_ms": predicted,
+                         "error": predicted / record["median_ms"] - 1, "fitted_on": result["engine"] == "original",
+                         "measured_reduction": 1 - record["median_ms"] / baseline,
+                         "predicted_reduction": reduction(*args, plan, tp, dtype_bytes)})
+    return rows
+
+
+@dataclass(frozen=True)
+class SimulateSettings:
+    plans: dict = None  # shape name -> plans to predict (0-indexed; the paper's where known)
+    hardware: list = None  # HARDWARE presets
+    tp_degrees: list = (2, 4, 8)
+    prefill_tokens: list = (512, 2048)
+    max_ranks: int = 8  # CQIL x TP setups up to this many ranks
+
+    def __post_init__(self):
+        for name in self.plans or {}:
+            if name not in SHAPES:
+                raise SimulateError(f"simulate.plans: unknown shape {name!r}; allowed are {', '.join(SHAPES)}")
+            for plan in self.plans[name]:
+                try:
+                    Plan.parse(plan).validate(SHAPES[name]["num_hidden_layers"])
+                except ValueError as err:
+                    raise SimulateError(f"simulate.plans.{name}: {err}") from None
+        for name in self.hardware or []:
+            if name not in HARDWARE:
+                raise SimulateError(f"simulate.hardware: unknown preset {name!r}; allowed are {', '.join(HARDWARE)}")
+
+
+def sweep(name: str, hw: Hardware, setups: list[tuple[str | None, int]], latencies_us) -> list[dict]:
+    """Decode latency of each (plan, tp) setup as the small all-reduce latency varies (the crossover figure)."""
+    shape = shape_of(name)
+    return [{"shape": name, "hardware": hw.name, "setup": setup_name(plan and Plan.parse(plan), tp),
+             "ranks": (Plan.parse(plan).size if plan else 1) * tp, "allreduce_us": a,
+             "ms": 1e3 * latency(shape, replace(hw, allreduce_latency=a * US, allreduce_per_doubling=0), "decode",
+                                 plan=plan and Plan.parse(plan), tp=tp)}
+            for plan, tp in setups for a in latencies_us]

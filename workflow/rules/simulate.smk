@@ -1,0 +1,17 @@
+# The analytic latency model: the paper's models on GPUs we do not have, validated on this machine's runs.
+rule simulate:
+    input:
+        [path for model in LATENCY_MODELS for path in latency_files(model)],
+    output:
+        multiext(f"{SIMULATION}/predictions", ".csv", ".md"),
+        multiext(f"{SIMULATION}/validation", ".csv", ".md"),
+        multiext(f"{SIMULATION}/crossover", ".csv", ".md"),
+        f"{SIMULATION}/simulation.json",
+        [f"{SIMULATION}/{name}.{kind}" for name in SIMULATION_FIGURES for kind in ("png", "pdf")],
+    params:
+        settings=settings("simulate", drop=()),
+    log:
+        f"logs/{config['run']}/simulate.log",
+    threads: 1
+    shell:
+        "cqil simulate --latency {input} --settings {params.settings} --out-dir {SIMULATION} > {log} 2>&1"
