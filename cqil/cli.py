@@ -394,6 +394,24 @@ def cmd_simulate(args) -> None:
     report.simulation_figures(predicted, checked, swept, out)
 
 
+def cmd_tables(args) -> None:
+    """The paper's tables (quality with the official numbers beside ours; latency measured and predicted)."""
+    import pandas as pd
+
+    from . import report
+
+    quality = []
+    for item in args.quality:
+        model, _, path = item.partition("=")
+        if not path:
+            raise InputError(f"--quality {item!r}: expected MODEL=PATH")
+        quality.append(report.quality_table(pd.read_csv(path), model))
+    out = Path(args.out_dir)
+    report.write_table(pd.concat(quality, ignore_index=True), out / "quality")
+    predicted = pd.read_csv(args.predictions) if args.predictions else None
+    report.write_table(report.latency_summary([pd.read_csv(path) for path in args.latency], predicted), out / "latency")
+
+
 def cmd_latency_table(args) -> None:
     """Latency table (CSV + Markdown) and figure from `cqil latency` JSON files of one model."""
     from . import report
@@ -521,6 +539,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency", nargs="*", default=[], help="`cqil latency` JSON files to fit and validate on")
     p.add_argument("--settings", default="{}", help="JSON object of SimulateSettings fields (config: simulate)")
     p.add_argument("--out-dir", required=True, help="predictions.*, validation.*, simulation.json and figures")
+    p = command(cmd_tables, "tables")
+    p.add_argument("--quality", nargs="+", required=True, help="MODEL=PATH of each model's quality.csv")
+    p.add_argument("--latency", nargs="*", default=[], help="latency.csv files written by `cqil latency-table`")
+    p.add_argument("--predictions", help="predictions.csv written by `cqil simulate`")
+    p.add_argument("--out-dir", required=True, help="quality.{csv,md,tex} and latency.{csv,md,tex} go here")
     p = command(cmd_latency_table, "latency-table")
     p.add_argument("inputs", nargs="+", help="JSON files written by `cqil latency` for one model")
     p.add_argument("--out", required=True, help="CSV; a Markdown table is written beside it")

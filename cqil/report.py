@@ -188,3 +188,61 @@ def simulation_figures(predicted: pd.DataFrame, checked: pd.DataFrame, swept: pd
            title="this machine: fitted on the original (o), predicted (^)")
     ax.legend(fontsize=7)
     save_figure(fig, Path(out) / "simulation_validation")
+
+
+# --- Tables: CSV, Markdown and LaTeX, from the stage tables only ------------------------------------
+
+# LLaMA-1-7B, KD fine-tuned, lm-eval 0.4.1, accuracy in %: the official README (../shared/PAPER.md).
+OFFICIAL = {"llama-7b": {
+    ("original", "original"): {"sciq": 93.0, "winogrande": 70.0, "arc_easy": 72.9, "mmlu": 35.1},
+    ("S12-E30-P2-D0", "finetuned"): {"sciq": 91.6, "winogrande": 69.1, "arc_easy": 70.1, "mmlu": 33.3},
+    ("S12-E30-P2-D1", "finetuned"): {"sciq": 91.7, "winogrande": 68.4, "arc_easy": 70.0, "mmlu": 32.5},
+    ("S14-E30-P4-D0", "finetuned"): {"sciq": 90.0, "winogrande": 68.2, "arc_easy": 65.5, "mmlu": 33.1}}}
+QUALITY_METRICS = {"acc": 100, "word_perplexity": 1, "perplexity": 1, "kl": 1, "top1": 100}  # shown x scale
+
+
+def quality_table(quality: pd.DataFrame, model: str) -> pd.DataFrame:
+    """The paper's main table: a row per plan and stage (original, zero-shot, fine-tuned), a column per task
+    metric (accuracy and top-1 in %); for a model with published numbers, the official value and our
+    difference beside each task."""
+    kept = quality[quality.metric.isin(list(QUALITY_METRICS))].copy()
+    kept["value"] = kept.value * kept.metric.map(QUALITY_METRICS)
+    kept["column"] = kept.task + " " + kept.metric
+    table = kept.pivot_table(index=["plan", "stage"], columns="column", values="value", sort=False).reset_index()
+    official = OFFICIAL.get(model, {})
+    for column in [c for c in table.columns if c.endswith(" acc")]:
+        task = column.split()[0].removesuffix("_local")
+        published = [official.get((plan, stage), {}).get(task) for plan, stage in zip(table.plan, table.stage)]
+        if any(value is not None for value in published):
+            at = table.columns.get_loc(column) + 1
+            table.insert(at, f"{task} official", pd.array(published, dtype="Float64"))
+            table.insert(at + 1, f"{task} diff", table[column] - table[f"{task} official"])
+    return table.assign(model=model)[["model", *table.columns]]
+
+
+def latency_summary(measured: list[pd.DataFrame], predicted: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Original, CQIL and TP: measured on this machine where measured, predicted by the simulator otherwise
+    (the `source` column says which), with the ideal reduction and the fraction of it achieved."""
+    columns = ["source", "model", "setup", "phase", "tokens", "ms", "reduction", "ideal", "of_ideal", "paper"]
+    rows = [frame.assign(source="measured (this CPU)", ms=frame.median_ms, paper=None) for frame in measured]
+    if predicted is not None:
+        rows.append(predicted.rename(columns={"shape": "model"}).assign(
+            source="predicted (" + predicted.hardware + ")",
+            of_ideal=predicted.reduction / predicted.ideal.where(predicted.ideal > 0)))
+    if not rows:
+        return pd.DataFrame(columns=columns)
+    table = pd.concat(rows, ignore_index=True)
+    table = table[~table.setup.str.startswith("original, 2")]  # the thread-scaling rows stay in latency.csv
+    return table[columns]
+
+
+def write_table(frame: pd.DataFrame, path) -> None:
+    """`path`.csv, .md and .tex."""
+    from .io import atomic, write_csv
+
+    path = Path(path)
+    write_csv(path.with_suffix(".csv"), frame)
+    with atomic(path.with_suffix(".md")) as tmp:
+        tmp.write_text(frame.to_markdown(index=False, floatfmt=".4g") + "\n")
+    with atomic(path.with_suffix(".tex")) as tmp:
+        tmp.write_text(frame.to_latex(index=False, float_format="%.3g", na_rep="--"))

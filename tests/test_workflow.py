@@ -127,6 +127,22 @@ def test_lint():
     assert all(lint.startswith("* Specify a conda environment or container") for lint in lints), out
 
 
+def rendered(html: Path, png: Path) -> None:
+    """Headless Chromium (Debian's `chromium`) renders the page to a screenshot that is not blank."""
+    import shutil
+
+    import matplotlib.image
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("no chromium: install Debian's `chromium` to check that the report renders")
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={png}",
+                    "--window-size=1280,2000", "--virtual-time-budget=10000", html.as_uri()],
+                   check=True, capture_output=True, timeout=120)
+    pixels = matplotlib.image.imread(png)
+    assert pixels.shape[:2] == (2000, 1280) and pixels.std() > 0.05  # text and figures, not an empty page
+
+
 @pytest.mark.slow
 def test_real_run_on_the_default_model(tmp_path):
     """The whole DAG on SmolLM2-135M with small settings; then nothing to redo; then only what a change touches."""
@@ -167,6 +183,14 @@ def test_real_run_on_the_default_model(tmp_path):
     provenance = json.loads((out / "search.json").read_text())["provenance"]
     assert provenance["settings"]["settings"]["sizes"] == [2, 4] and provenance["git"]
 
+    # the HTML report: every figure and table with its caption, one self-contained page that a browser renders
+    report = tmp_path / "report.html"
+    snakemake(*small, "--report", str(report))
+    html = report.read_text()
+    assert report.stat().st_size > 200_000 and "CQIL (Concurrent Computation of Quasi-Independent Layers" in html
+    for caption in ("Mean cosine similarity of the inputs", "analytic model fitted on this machine", "official value"):
+        assert caption in html, caption
+
     again = snakemake(*small, "-n")
     assert "Nothing to be done" in again.stdout + again.stderr, again.stdout + again.stderr
     changed = jobs(snakemake(*small, "select={'metric': 'top1'}", "-n").stdout)
@@ -183,3 +207,4 @@ def test_real_run_on_the_default_model(tmp_path):
     for setup, gpus in (("original", 1), ("cqil-S16-E28-P2-D0", 2), ("tp-2", 2)):
         job = multi.split(f"output: results/gpus/llama-135m/latency/{setup}.json")[1].split("Shell command")[0]
         assert f"gpu={gpus}" in job, job
+    rendered(report, tmp_path / "report.png")  # last: it skips where no browser is installed

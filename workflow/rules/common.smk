@@ -15,6 +15,7 @@ except ConfigError as err:  # one line, before any job runs
 RESULTS = f"results/{config['run']}/{{model}}"
 RESOURCES = f"resources/{config['run']}/{{model}}"
 SIMULATION = f"results/{config['run']}/simulation"
+TABLES = f"results/{config['run']}/tables"
 SIMULATION_FIGURES = ["simulation_reduction", "simulation_crossover", "simulation_validation"]
 
 
@@ -65,6 +66,11 @@ def model_settings(section, field):
 def model_plans(model):
     """Plans a model always carries: scored, selected and timed (the paper config's official plans)."""
     return config["catalog"][model].get("plans", [])
+
+
+def output_dir(wildcards, output):
+    """The folder of a rule's first output: where `cqil` writes the rule's family of files."""
+    return str(Path(output[0]).parent)
 
 
 def res(rule, key):
@@ -158,4 +164,4 @@ def final_targets():
         + [f"{RESULTS}/figures/{name}.png" for name in FIGURES],
         model=config["models"],
     ) + expand([f"{RESULTS}/latency.csv", f"{RESULTS}/figures/latency.png"], model=LATENCY_MODELS) + (
-        [f"{SIMULATION}/predictions.csv"] if LATENCY_MODELS and "simulate" in config else [])
+        [f"{SIMULATION}/predictions.csv"] if LATENCY_MODELS and "simulate" in config else []) + [f"{TABLES}/quality.csv"]

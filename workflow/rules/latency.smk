@@ -31,7 +31,9 @@ rule latency_table:
     output:
         table=f"{RESULTS}/latency.csv",
         markdown=f"{RESULTS}/latency.md",
-        figure=multiext(f"{RESULTS}/figures/latency", ".png", ".pdf"),
+        figure=report(f"{RESULTS}/figures/latency.png", caption="../report/latency.rst", category="Latency",
+                      subcategory="{model}"),
+        pdf=f"{RESULTS}/figures/latency.pdf",
     params:
         figure=f"{RESULTS}/figures/latency",
     log:

@@ -5,7 +5,9 @@ rule figures:
         search=rules.search.output.table,
         selected=rules.select.output,
     output:
-        [f"{RESULTS}/figures/{name}.{kind}" for name in FIGURES for kind in ("png", "pdf")],
+        [report(f"{RESULTS}/figures/{name}.png", caption=f"../report/{name}.rst", category="Layers and plans",
+                subcategory="{model}") for name in FIGURES],
+        [f"{RESULTS}/figures/{name}.pdf" for name in FIGURES],
     params:
         out_dir=f"{RESULTS}/figures",
     log:
@@ -14,3 +16,25 @@ rule figures:
     shell:
         "cqil figures --similarity {input.similarity} --sensitivity {input.sensitivity} --search {input.search}"
         " --selected {input.selected} --title {wildcards.model} --out-dir {params.out_dir} > {log} 2>&1"
+
+
+# The paper's tables for the whole run: quality (with the official numbers where published) and latency.
+rule tables:
+    input:
+        quality=expand(f"{RESULTS}/quality.csv", model=config["models"]),
+        latency=expand(f"{RESULTS}/latency.csv", model=LATENCY_MODELS),
+        predictions=[f"{SIMULATION}/predictions.csv"] if "simulate" in config else [],
+    output:
+        [report(f"{TABLES}/{name}.csv", caption=f"../report/{name}_table.rst", category="Tables")
+         for name in ("quality", "latency")],
+        [f"{TABLES}/{name}.{kind}" for name in ("quality", "latency") for kind in ("md", "tex")],
+    params:
+        quality=" ".join(f"{model}=results/{config['run']}/{model}/quality.csv" for model in config["models"]),
+        predictions=f"--predictions {SIMULATION}/predictions.csv" if "simulate" in config else "",
+        out_dir=output_dir,
+    log:
+        f"logs/{config['run']}/tables.log",
+    threads: 1
+    shell:
+        "cqil tables --quality {params.quality} --latency {input.latency} {params.predictions}"
+        " --out-dir {params.out_dir} > {log} 2>&1"

@@ -7,11 +7,14 @@ rule simulate:
         multiext(f"{SIMULATION}/validation", ".csv", ".md"),
         multiext(f"{SIMULATION}/crossover", ".csv", ".md"),
         f"{SIMULATION}/simulation.json",
-        [f"{SIMULATION}/{name}.{kind}" for name in SIMULATION_FIGURES for kind in ("png", "pdf")],
+        [report(f"{SIMULATION}/{name}.png", caption=f"../report/{name}.rst", category="Latency")
+         for name in SIMULATION_FIGURES],
+        [f"{SIMULATION}/{name}.pdf" for name in SIMULATION_FIGURES],
     params:
         settings=settings("simulate", drop=()),
+        out_dir=output_dir,
     log:
         f"logs/{config['run']}/simulate.log",
     threads: 1
     shell:
-        "cqil simulate --latency {input} --settings {params.settings} --out-dir {SIMULATION} > {log} 2>&1"
+        "cqil simulate --latency {input} --settings {params.settings} --out-dir {params.out_dir} > {log} 2>&1"
