@@ -91,7 +91,8 @@ def test_dry_run_of_the_default():
     out = snakemake("-n", "--config", "run=dryrun").stdout
     assert jobs(out) == {"prepare_model": 2, "corpus": 1, "similarity": 1, "sensitivity": 1, "search": 1,
                          "select": 1, "figures": 1, "selected_scores": 1, "finetuned": 1, "quality": 1,
-                         "latency": 7, "latency_table": 2, "simulate": 1, "all": 1, "total": 22}  # per-plan jobs come after `select`
+                         "latency": 7, "latency_table": 2, "simulate": 1, "tables": 1, "all": 1,
+                         "total": 23}  # per-plan jobs come after `select`
     # latency: smollm2-135m has 9 heads, so no tp-2; the random llama-135m (8 heads) gets it
     assert "results/dryrun/llama-135m/latency/tp-2.json" in out and "smollm2-135m/latency/tp-2" not in out
 
@@ -116,7 +117,7 @@ def test_dry_run_of_the_paper_config():
     assert counts["latency"] == 6 + 4 + 5 + 5
     assert "--model huggyllama/llama-7b" in out and "results/paper/qwen1.5-14b/latency/cqil-S17-E37-P2-D0.json" in out
     job = out.split("output: results/paper/llama-33b/latency/cqil-S18-E58-P4-D0.json")[1].split("Shell command")[0]
-    assert "gpu=4" in job
+    assert "gpu=4" in job and "slurm_partition=gpu" in job  # partitions are config values
     assert '"include": ["S12-E30-P2-D0", "S12-E30-P2-D1", "S14-E30-P4-D0"]' in out  # 7B's search scores its plans
 
 

@@ -68,9 +68,22 @@ def model_plans(model):
     return config["catalog"][model].get("plans", [])
 
 
+def all_cores(wildcards):
+    """Every core Snakemake may use (read when a job is scheduled, so `--report` needs no --cores)."""
+    return workflow.cores
+
+
 def output_dir(wildcards, output):
     """The folder of a rule's first output: where `cqil` writes the rule's family of files."""
     return str(Path(output[0]).parent)
+
+
+def job_resources(rule, **override):
+    """A rule's `resources:` from config.resources (its entry over the default): memory, runtime, GPUs,
+    and the SLURM partition and account where the config names them."""
+    keys = ("mem_mb", "runtime", "gpu", "slurm_partition", "slurm_account")
+    values = {**config["resources"]["default"], **config["resources"].get(rule, {})}
+    return {key: values[key] for key in keys if key in values} | override
 
 
 def res(rule, key):

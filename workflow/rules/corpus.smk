@@ -13,9 +13,7 @@ rule corpus:
         log_path("corpus", "benchmark.tsv")
     threads: res("corpus", "threads")
     resources:
-        mem_mb=res("corpus", "mem_mb"),
-        runtime=res("corpus", "runtime"),
-        gpu=res("corpus", "gpu"),
+        **job_resources("corpus"),
     shell:
         "cqil --threads {threads} corpus --model {params.spec:q} --settings {params.settings}"
         " --out {output.blocks} --summary {output.summary} > {log} 2>&1"

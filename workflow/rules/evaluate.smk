@@ -19,9 +19,7 @@ rule evaluate:
         f"logs/{config['run']}/evaluate/{{model}}/{{variant}}.benchmark.tsv"
     threads: res("evaluate", "threads")
     resources:
-        mem_mb=res("evaluate", "mem_mb"),
-        runtime=res("evaluate", "runtime"),
-        gpu=res("evaluate", "gpu"),
+        **job_resources("evaluate"),
     shell:
         "cqil --threads {threads} evaluate --model {params.spec:q} --dtype {params.dtype} {params.variant}"
         " --corpus {input.corpus} --split {params.split} --tasks {params.tasks} {params.options}"

@@ -4,7 +4,8 @@ rule finetune:
     output:
         adapter=directory(f"{RESOURCES}/plans/{{plan}}/finetune/adapter"),
         summary=f"{RESULTS}/plans/{{plan}}/finetune.json",
-        figure=f"{RESULTS}/plans/{{plan}}/loss.png",
+        figure=report(f"{RESULTS}/plans/{{plan}}/loss.png", caption="../report/loss.rst", category="Fine-tuning",
+                      subcategory="{model}"),
     params:
         spec=spec,
         dtype=dtype,
@@ -19,9 +20,7 @@ rule finetune:
         f"logs/{config['run']}/finetune/{{model}}/{{plan}}.benchmark.tsv"
     threads: res("finetune", "threads")
     resources:
-        mem_mb=res("finetune", "mem_mb"),
-        runtime=res("finetune", "runtime"),
-        gpu=res("finetune", "gpu"),
+        **job_resources("finetune"),
     shell:
         "{params.launcher} --threads {threads} finetune --model {params.spec:q} --dtype {params.dtype}"
         " --plan {wildcards.plan} --corpus {input} --split {params.split} --eval-split {params.eval_split}"

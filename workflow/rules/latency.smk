@@ -14,11 +14,9 @@ rule latency:
         f"logs/{config['run']}/latency/{{model}}/{{setup}}.log",
     benchmark:
         f"logs/{config['run']}/latency/{{model}}/{{setup}}.benchmark.tsv"
-    threads: workflow.cores
+    threads: all_cores
     resources:
-        mem_mb=res("latency", "mem_mb"),
-        runtime=res("latency", "runtime"),
-        gpu=latency_gpus,
+        **job_resources("latency", gpu=latency_gpus),
     shell:
         "cqil latency --model {params.spec:q} --dtype {params.dtype} {params.engine}"
         " --settings {params.settings} --out {output} > {log} 2>&1"

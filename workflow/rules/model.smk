@@ -10,8 +10,6 @@ rule prepare_model:
         log_path("prepare_model", "benchmark.tsv")
     threads: res("prepare_model", "threads")
     resources:
-        mem_mb=res("prepare_model", "mem_mb"),
-        runtime=res("prepare_model", "runtime"),
-        gpu=res("prepare_model", "gpu"),
+        **job_resources("prepare_model"),
     shell:
         "cqil --threads {threads} prepare --model {params.spec:q} --layers {params.layers} --out {output} > {log} 2>&1"

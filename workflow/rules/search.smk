@@ -15,9 +15,7 @@ rule search:
         log_path("search", "benchmark.tsv")
     threads: res("search", "threads")
     resources:
-        mem_mb=res("search", "mem_mb"),
-        runtime=res("search", "runtime"),
-        gpu=res("search", "gpu"),
+        **job_resources("search"),
     shell:
         "cqil --threads {threads} search --model {params.spec:q} --dtype {params.dtype} --corpus {input}"
         " --split {params.split} --settings {params.settings} --out {output.table} > {log} 2>&1"
@@ -56,9 +54,7 @@ rule score:
         f"logs/{config['run']}/score/{{model}}/{{plan}}.benchmark.tsv"
     threads: res("score", "threads")
     resources:
-        mem_mb=res("score", "mem_mb"),
-        runtime=res("score", "runtime"),
-        gpu=res("score", "gpu"),
+        **job_resources("score"),
     shell:
         "cqil --threads {threads} score --model {params.spec:q} --dtype {params.dtype} --plan {wildcards.plan}"
         " --corpus {input} --split {params.split} --batch-size {params.batch_size} --out {output} > {log} 2>&1"

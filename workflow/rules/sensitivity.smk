@@ -16,9 +16,7 @@ rule sensitivity:
         log_path("sensitivity", "benchmark.tsv")
     threads: res("sensitivity", "threads")
     resources:
-        mem_mb=res("sensitivity", "mem_mb"),
-        runtime=res("sensitivity", "runtime"),
-        gpu=res("sensitivity", "gpu"),
+        **job_resources("sensitivity"),
     shell:
         "cqil --threads {threads} sensitivity --model {params.spec:q} --dtype {params.dtype} --corpus {input}"
         " --split {params.split} --distances {params.distances} --batch-size {params.batch_size}"

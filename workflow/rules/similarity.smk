@@ -15,9 +15,7 @@ rule similarity:
         log_path("similarity", "benchmark.tsv")
     threads: res("similarity", "threads")
     resources:
-        mem_mb=res("similarity", "mem_mb"),
-        runtime=res("similarity", "runtime"),
-        gpu=res("similarity", "gpu"),
+        **job_resources("similarity"),
     shell:
         "cqil --threads {threads} similarity --model {params.spec:q} --dtype {params.dtype} --corpus {input}"
         " --split {params.split} --batch-size {params.batch_size} --out {output.table} > {log} 2>&1"
