@@ -362,7 +362,6 @@ def cmd_layer_latency(args) -> None:
 
 def cmd_simulate(args) -> None:
     """Predicted latency of the paper's models on GPUs (analytic model), validated on this machine's runs."""
-    import numpy as np
     import pandas as pd
 
     from . import report, simulate
@@ -377,12 +376,7 @@ def cmd_simulate(args) -> None:
     for result in results:
         by_model.setdefault(result["model"], []).append(result)
     checked = pd.DataFrame([row for group in by_model.values() for row in simulate.validation(group)])
-    first = next(iter(settings.plans))  # CQIL vs TP vs CQIL x TP as the all-reduce gets slower
-    plans = [p for p in settings.plans[first] if p.endswith("-D0")]
-    setups = [(None, 1)] + [(p, 1) for p in plans] + [(None, n) for n in settings.tp_degrees] \
-        + [(p, n) for p in plans for n in settings.tp_degrees if Plan.parse(p).size * n <= settings.max_ranks]
-    swept = pd.DataFrame(simulate.sweep(first, simulate.HARDWARE[settings.hardware[0]], setups,
-                                        np.geomspace(1, 200, 25)))
+    swept = pd.DataFrame(simulate.crossover_sweep(settings))
     for name, frame in (("predictions", predicted), ("validation", checked), ("crossover", swept)):
         write_csv(out / f"{name}.csv", frame)
         with atomic(out / f"{name}.md") as tmp:

@@ -191,7 +191,7 @@ def time_allreduce(ranks, settings: LatencySettings, hidden: int, dtype, sync) -
     for tokens in settings.allreduce_tokens:
         message = torch.randn(settings.batch_size, tokens, hidden, dtype=dtype, device=ranks.device)
         seconds = []
-        for repeat in range(5 + settings.allreduce_repeats):
+        for repeat in range(5 + settings.allreduce_repeats):  # 5 warm-up calls: gloo sets up its buffers
             ranks.barrier()
             sync()
             start = time.perf_counter()

@@ -20,7 +20,7 @@ layer over n ranks and sums each group across its P layers with one more all-red
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -224,28 +224,38 @@ def validation(results: list[dict]) -> list[dict]:
 
 @dataclass(frozen=True)
 class SimulateSettings:
-    plans: dict = None  # shape name -> plans to predict (0-indexed; the paper's where known)
-    hardware: list = None  # HARDWARE presets
+    plans: dict = field(default_factory=lambda: {"llama-7b": ["S12-E30-P2-D0", "S14-E30-P4-D0"]})  # shape -> plans
+    hardware: list = field(default_factory=lambda: list(HARDWARE))  # presets; the first one draws the crossover
     tp_degrees: list = (2, 4, 8)
     prefill_tokens: list = (512, 2048)
     max_ranks: int = 8  # CQIL x TP setups up to this many ranks
 
     def __post_init__(self):
-        for name in self.plans or {}:
+        for name, plans in self.plans.items():
             if name not in SHAPES:
                 raise SimulateError(f"simulate.plans: unknown shape {name!r}; allowed are {', '.join(SHAPES)}")
-            for plan in self.plans[name]:
+            for plan in plans:
                 try:
                     Plan.parse(plan).validate(SHAPES[name]["num_hidden_layers"])
                 except ValueError as err:
                     raise SimulateError(f"simulate.plans.{name}: {err}") from None
-        for name in self.hardware or []:
+        for name in self.hardware:
             if name not in HARDWARE:
                 raise SimulateError(f"simulate.hardware: unknown preset {name!r}; allowed are {', '.join(HARDWARE)}")
 
 
+def crossover_sweep(settings: SimulateSettings, latencies_us=tuple(np.geomspace(1, 200, 25))) -> list[dict]:
+    """Decode latency of the first shape's D0 plans, TP and CQIL x TP as the small all-reduce latency varies,
+    on the first hardware preset: where each setup wins."""
+    name = next(iter(settings.plans))
+    plans = [p for p in settings.plans[name] if Plan.parse(p).bypass == 0]
+    setups = [(None, 1)] + [(p, 1) for p in plans] + [(None, n) for n in settings.tp_degrees] \
+        + [(p, n) for p in plans for n in settings.tp_degrees if Plan.parse(p).size * n <= settings.max_ranks]
+    return sweep(name, HARDWARE[settings.hardware[0]], setups, latencies_us)
+
+
 def sweep(name: str, hw: Hardware, setups: list[tuple[str | None, int]], latencies_us) -> list[dict]:
-    """Decode latency of each (plan, tp) setup as the small all-reduce latency varies (the crossover figure)."""
+    """Decode latency of each (plan, tp) setup as the small all-reduce latency varies."""
     shape = shape_of(name)
     return [{"shape": name, "hardware": hw.name, "setup": setup_name(plan and Plan.parse(plan), tp),
              "ranks": (Plan.parse(plan).size if plan else 1) * tp, "allreduce_us": a,
