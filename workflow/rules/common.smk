@@ -80,8 +80,9 @@ def output_dir(wildcards, output):
 
 def job_resources(rule, **override):
     """A rule's `resources:` from config.resources (its entry over the default): memory, runtime, GPUs,
-    and the SLURM partition and account where the config names them."""
-    keys = ("mem_mb", "runtime", "gpu", "slurm_partition", "slurm_account")
+    and the GPU model, SLURM partition and account where the config names them (the SLURM executor reads
+    these names; a local run ignores them)."""
+    keys = ("mem_mb", "runtime", "gpu", "gpu_model", "slurm_partition", "slurm_account")
     values = {**config["resources"]["default"], **config["resources"].get(rule, {})}
     return {key: values[key] for key in keys if key in values} | override
 
