@@ -406,6 +406,54 @@ def cmd_tables(args) -> None:
     report.write_table(report.latency_summary([pd.read_csv(path) for path in args.latency], predicted), out / "latency")
 
 
+def cmd_track(args) -> None:
+    """Benchmark tracking: record a run in the history, compare the newest records, draw trends, export."""
+    from . import report, track
+    from .io import atomic, write_csv, write_json
+
+    settings = _settings(track.TrackSettings, args.settings)
+    if args.action == "record":
+        if not (args.run_dir and args.logs and Path(args.run_dir).is_dir()):
+            raise InputError(f"track record: --run-dir {args.run_dir!r} and --logs {args.logs!r} must name a run's folders")
+        entry = track.record(args.run_dir, args.logs, json.loads(args.config), args.config_name, settings.label)
+        track.append(args.history, entry)
+        if args.out:
+            write_json(args.out, entry)
+        return print(f"{args.history}: appended a record with {len(entry['metrics'])} metrics")
+    records, problems = track.load(args.history)
+    for problem in problems:
+        print(f"cqil: warning: {problem}", file=sys.stderr)
+    if not records:
+        raise InputError(f"--history {args.history}: no readable record")
+    if args.action == "trends":
+        for tool, entries in track.benchmark_json(records[-1], settings).items():  # github-action-benchmark
+            with atomic(Path(args.out_dir) / f"{tool}.json") as tmp:
+                tmp.write_text(json.dumps(entries, indent=1) + "\n")
+        report.trend_figures(track.trends(records), args.out_dir)
+        return None
+    against = [("previous", records[-2] if len(records) > 1 else None)]
+    if args.baseline:
+        against.append((f"baseline {args.baseline}", track.find(records[:-1], args.baseline)))
+        if against[-1][1] is None:
+            raise InputError(f"--baseline {args.baseline!r}: no earlier record has that label or git sha")
+    regressions = 0
+    for name, old in against:
+        if old is None:
+            print(f"{name}: none (the history has one record)")
+            continue
+        table = track.compare(records[-1], old, settings)
+        changed = table[table.status.isin(["regression", "improvement", "new", "missing"])]
+        counts = ", ".join(f"{count} {status}" for status, count in table.status.value_counts().items())
+        print(f"\n{name} (git {old['git'][:8]}, {old['date']}): {counts}")
+        print(changed.to_markdown(index=False, floatfmt=".4g") if len(changed) else "no change beyond the thresholds")
+        if args.out:
+            write_csv(Path(args.out).with_name(f"{Path(args.out).stem}-{name.split()[0]}.csv"), table)
+        regressions += int((table.status == "regression").sum())
+    if regressions and args.fail_on_regression:
+        print(f"cqil: {regressions} regression(s) beyond the thresholds", file=sys.stderr)
+        sys.exit(1)
+
+
 def cmd_latency_table(args) -> None:
     """Latency table (CSV + Markdown) and figure from `cqil latency` JSON files of one model."""
     from . import report
@@ -538,6 +586,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency", nargs="*", default=[], help="latency.csv files written by `cqil latency-table`")
     p.add_argument("--predictions", help="predictions.csv written by `cqil simulate`")
     p.add_argument("--out-dir", required=True, help="quality.{csv,md,tex} and latency.{csv,md,tex} go here")
+    p = command(cmd_track, "track")
+    p.add_argument("action", choices=["record", "compare", "trends"])
+    p.add_argument("--history", default="results/history.jsonl", help="append-only JSON lines, one record per run")
+    p.add_argument("--settings", default="{}", help="JSON object of TrackSettings fields (config: track)")
+    p.add_argument("--run-dir", help="record: results/<run>")
+    p.add_argument("--logs", help="record: logs/<run> (Snakemake's benchmark files)")
+    p.add_argument("--config", default="{}", help="record: the run's config as JSON (its hash is recorded)")
+    p.add_argument("--config-name", default="", help="record: the run's name")
+    p.add_argument("--out", help="record: this record as JSON; compare: CSV of each comparison")
+    p.add_argument("--baseline", help="compare: also against the newest earlier record with this label or git sha")
+    p.add_argument("--fail-on-regression", action="store_true", help="compare: exit 1 when a metric regressed")
+    p.add_argument("--out-dir", help="trends: figures and github-action-benchmark JSON")
     p = command(cmd_latency_table, "latency-table")
     p.add_argument("inputs", nargs="+", help="JSON files written by `cqil latency` for one model")
     p.add_argument("--out", required=True, help="CSV; a Markdown table is written beside it")

@@ -91,8 +91,8 @@ def test_dry_run_of_the_default():
     out = snakemake("-n", "--config", "run=dryrun").stdout
     assert jobs(out) == {"prepare_model": 2, "corpus": 1, "similarity": 1, "sensitivity": 1, "search": 1,
                          "select": 1, "figures": 1, "selected_scores": 1, "finetuned": 1, "quality": 1,
-                         "latency": 7, "latency_table": 2, "simulate": 1, "tables": 1, "all": 1,
-                         "total": 23}  # per-plan jobs come after `select`
+                         "latency": 7, "latency_table": 2, "simulate": 1, "tables": 1, "track": 1,
+                         "all": 1, "total": 24}  # per-plan jobs come after `select`
     # latency: smollm2-135m has 9 heads, so no tp-2; the random llama-135m (8 heads) gets it
     assert "results/dryrun/llama-135m/latency/tp-2.json" in out and "smollm2-135m/latency/tp-2" not in out
 
@@ -179,6 +179,8 @@ def test_real_run_on_the_default_model(tmp_path):
         assert latency.setup.nunique() == setups + 1  # the original at 1 and 2 threads
         assert (latency.check_max_abs_diff.dropna() < 1e-4).all() and latency.check_max_abs_diff.notna().any()
         assert (ROOT / "results" / "pytest" / model / "figures" / "latency.png").stat().st_size > 10_000
+    history = [json.loads(line) for line in (ROOT / "results" / "pytest" / "history.jsonl").read_text().splitlines()]
+    assert history[-1]["config"] == "pytest" and history[-1]["metrics"]["smollm2-135m/search/plans_per_minute"] > 0
     validation = pd.read_csv(ROOT / "results" / "pytest" / "simulation" / "validation.csv")
     assert set(validation.model) == {"smollm2-135m", "random:llama-135m"} and validation.error.notna().all()
     provenance = json.loads((out / "search.json").read_text())["provenance"]

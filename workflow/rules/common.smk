@@ -87,6 +87,11 @@ def job_resources(rule, **override):
     return {key: values[key] for key in keys if key in values} | override
 
 
+def run_folder(wildcards, output):
+    """results/<run>, for a rule whose first output is results/<run>/<stage>/<file>."""
+    return str(Path(output[0]).parents[1])
+
+
 def res(rule, key):
     """A rule's resource: its own entry in config.resources, else the default's."""
     return {**config["resources"]["default"], **config["resources"].get(rule, {})}[key]

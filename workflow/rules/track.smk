@@ -1,0 +1,21 @@
+# The last stage: this run's key metrics appended to the history (results/history.jsonl), which only
+# ever grows; `cqil track compare` reads it. Runs again whenever any table or figure before it changed.
+rule track:
+    input:
+        final_targets(),
+    output:
+        f"results/{config['run']}/track/record.json",
+    params:
+        history=config.get("track", {}).get("history", "results/history.jsonl"),
+        settings=settings("track", drop=("history",)) if "track" in config else "'{}'",
+        config=shlex.quote(json.dumps(config, sort_keys=True, default=str)),
+        run_dir=run_folder,
+        logs=f"logs/{config['run']}",
+        name=config["run"],
+    log:
+        f"logs/{config['run']}/track.log",
+    threads: 1
+    shell:
+        "cqil track record --run-dir {params.run_dir} --logs {params.logs} --config {params.config}"
+        " --config-name {params.name} --settings {params.settings} --history {params.history} --out {output}"
+        " > {log} 2>&1"
