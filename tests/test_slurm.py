@@ -30,8 +30,8 @@ def slurm(tmp_path_factory):
     if shutil.which("slurmctld") is None or os.geteuid() != 0:
         pytest.skip("needs root and Debian's slurm-wlm and munge (the README's test command installs them)")
     env = {**os.environ, "SLURM_CI_DIR": str(tmp_path_factory.mktemp("slurm")), "SLURM_CI_NGPU": "2"}
-    subprocess.run(["bash", "tests/slurm/start.sh"], cwd=ROOT, env=env, check=True, timeout=60)
-    try:
+    try:  # stop.sh also runs when start.sh fails half-way: nothing of ours outlives the tests
+        subprocess.run(["bash", "tests/slurm/start.sh"], cwd=ROOT, env=env, check=True, timeout=60)
         yield
     finally:
         subprocess.run(["bash", "tests/slurm/stop.sh"], cwd=ROOT, env=env, timeout=120)

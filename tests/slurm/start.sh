@@ -12,10 +12,15 @@ for i in $(seq 0 $((NGPU - 1))); do [ -e "$DIR/dev/gpu$i" ] || mknod "$DIR/dev/g
 sed -e "s#@DIR@#$DIR#g" -e "s#@HOST@#$HOST#g" -e "s#@CPUS@#$CPUS#g" -e "s#@MEM@#$MEM#g" -e "s#@NGPU@#$NGPU#g" \
     "$(dirname "$0")/slurm.conf.in" > /etc/slurm/slurm.conf
 echo "NodeName=$HOST Name=gpu Type=fake File=$DIR/dev/gpu[0-$((NGPU - 1))]" > /etc/slurm/gres.conf
-install -d -o munge -g munge -m 0755 /run/munge   # munged runs as munge and needs /run/munge
-[ -s /etc/munge/munge.key ] || runuser -u munge -- mungekey --create
-runuser -u munge -- /usr/sbin/munged --pid-file="/run/munge/munged.pid"
-for i in $(seq 50); do [ -S /run/munge/munge.socket.2 ] && break; sleep 0.1; done
+# munge: reuse a munged that already answers on the default socket (it is not ours to stop); else start one,
+# as user munge, with its pid file beside the others
+if ! (munge -n | unmunge) >/dev/null 2>&1; then
+  install -d -o munge -g munge -m 0755 /run/munge
+  [ -s /etc/munge/munge.key ] || runuser -u munge -- mungekey --create
+  runuser -u munge -- /usr/sbin/munged --force --pid-file=/run/munge/munged.pid
+  for i in $(seq 50); do (munge -n | unmunge) >/dev/null 2>&1 && break; sleep 0.1; done
+  cp /run/munge/munged.pid "$DIR/run/munged.pid"   # ours: stop.sh stops it
+fi
 /usr/sbin/slurmctld
 /usr/sbin/slurmd
 for i in $(seq 100); do sinfo -h -o '%T' 2>/dev/null | grep -qE '^(idle|mixed|allocated)' && exit 0; sleep 0.2; done

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Stop what start.sh started, each daemon by its pid file (never by name): SIGTERM, then SIGKILL after 10 s.
 DIR=${SLURM_CI_DIR:?set SLURM_CI_DIR}
-for pidfile in "$DIR/run/slurmd.pid" "$DIR/run/slurmctld.pid" /run/munge/munged.pid; do
+for pidfile in "$DIR/run/slurmd.pid" "$DIR/run/slurmctld.pid" "$DIR/run/munged.pid"; do
   [ -s "$pidfile" ] || continue
   pid=$(cat "$pidfile"); kill "$pid" 2>/dev/null || true
   for i in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
