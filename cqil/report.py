@@ -1,7 +1,8 @@
-"""Figures (and later tables) built from artifacts only: CSV in, PNG + PDF out.
+"""Figures and tables built from artifacts only: CSV/JSON in, PNG + PDF figures and CSV/Markdown/LaTeX tables out.
 
     cqil figures --similarity similarity.csv --sensitivity sensitivity.csv --search search.csv \
                  --selected selected.json --out-dir figures/
+    cqil tables --quality smollm2-135m=quality.csv --latency latency.csv --predictions predictions.csv --out-dir tables/
 """
 
 from __future__ import annotations
