@@ -262,7 +262,7 @@ def cmd_quality(args) -> None:
     """The quality table: original and each plan, zero-shot and fine-tuned, per task (CSV + Markdown)."""
     import pandas as pd
 
-    from .io import atomic, write_csv
+    from .io import write_csv, write_markdown
 
     def rows_of(plan, stage, task, metrics, names):
         return [{"plan": plan, "stage": stage, "task": task, "metric": name, "value": metrics[name],
@@ -284,8 +284,7 @@ def cmd_quality(args) -> None:
     write_csv(args.out, long)
     table = long.assign(column=long.task + " " + long.metric).pivot_table(
         index=["plan", "stage"], columns="column", values="value", sort=False)
-    with atomic(Path(args.out).with_suffix(".md")) as tmp:
-        tmp.write_text(table.reset_index().to_markdown(index=False, floatfmt=".4g") + "\n")
+    write_markdown(Path(args.out).with_suffix(".md"), table.reset_index())
 
 
 def cmd_collect(args) -> None:
@@ -365,7 +364,7 @@ def cmd_simulate(args) -> None:
     import pandas as pd
 
     from . import report, simulate
-    from .io import atomic, provenance, write_csv, write_json
+    from .io import provenance, write_csv, write_json, write_markdown
 
     settings = _settings(simulate.SimulateSettings, args.settings)
     out = Path(args.out_dir)
@@ -379,8 +378,7 @@ def cmd_simulate(args) -> None:
     swept = pd.DataFrame(simulate.crossover_sweep(settings))
     for name, frame in (("predictions", predicted), ("validation", checked), ("crossover", swept)):
         write_csv(out / f"{name}.csv", frame)
-        with atomic(out / f"{name}.md") as tmp:
-            tmp.write_text(frame.to_markdown(index=False, floatfmt=".4g") + "\n")
+        write_markdown(out / f"{name}.md", frame)
     write_json(out / "simulation.json", {"hardware": {name: asdict(hw) for name, hw in simulate.HARDWARE.items()},
                                          "fitted": {model: asdict(simulate.fit_runs(group))
                                                     for model, group in by_model.items()},
@@ -457,14 +455,13 @@ def cmd_track(args) -> None:
 def cmd_latency_table(args) -> None:
     """Latency table (CSV + Markdown) and figure from `cqil latency` JSON files of one model."""
     from . import report
-    from .io import atomic, write_csv
+    from .io import write_csv, write_markdown
     from .latency import table
 
     results = [json.loads(Path(path).read_text()) for path in args.inputs]
     frame = table(results)
     write_csv(args.out, frame)
-    with atomic(Path(args.out).with_suffix(".md")) as tmp:
-        tmp.write_text(frame.drop(columns=["model"]).to_markdown(index=False, floatfmt=".4g") + "\n")
+    write_markdown(Path(args.out).with_suffix(".md"), frame.drop(columns=["model"]))
     if args.figure:
         report.latency_figure(frame, results, args.title, args.figure)
 

@@ -47,6 +47,12 @@ def write_csv(path, frame) -> None:
         frame.to_csv(tmp, index=False, float_format="%.6g")
 
 
+def write_markdown(path, frame) -> None:
+    """A table as Markdown (numbers to 4 significant digits), for reading in a browser or a README."""
+    with atomic(path) as tmp:
+        tmp.write_text(frame.to_markdown(index=False, floatfmt=".4g") + "\n")
+
+
 def save_figure(fig, path) -> None:
     """PNG (for the README and the report) and PDF (for papers) of one matplotlib figure."""
     import matplotlib.pyplot as plt

@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 from transformers import DynamicCache
 
-from . import runtime
+from . import runtime, simulate
 from .concurrent import planned
 from .models import decoder_layers, load_model
 from .plan import Plan
@@ -263,15 +263,15 @@ def measure(spec: str, engine: str, settings: LatencySettings, plan: Plan | None
 
 def setup(result: dict, threads: int) -> str:
     """A readable name of what was timed: `original, 2 threads`, `cqil S12-E28-P2-D0`, `tp 2`."""
-    return {"original": f"original, {threads} thread{'s' if threads > 1 else ''}",
-            "cqil": f"cqil {result['plan']}", "tp": f"tp {result['degree']}"}[result["engine"]]
+    if result["engine"] == "original":
+        return f"original, {threads} thread{'s' if threads > 1 else ''}"
+    return simulate.setup_name(*simulate.layout(result))
 
 
 def ideal(result: dict, threads: int) -> float:
-    """The reduction if nothing but the split work cost time: (E-S)(1-1/P)/L for cqil, 1-1/n for n ranks or threads."""
-    if result["engine"] == "cqil":
-        return Plan.parse(result["plan"]).ideal_reduction(result["layers"])
-    return 1 - 1 / (result["degree"] if result["engine"] == "tp" else threads)
+    """The layers-only ideal reduction of `simulate.ideal`; the original on n threads counts as n-way split."""
+    plan, tp = simulate.layout(result)
+    return simulate.ideal(plan, threads if result["engine"] == "original" else tp, result["layers"])
 
 
 def table(results: list[dict]):

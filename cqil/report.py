@@ -239,12 +239,11 @@ def latency_summary(measured: list[pd.DataFrame], predicted: pd.DataFrame | None
 
 def write_table(frame: pd.DataFrame, path) -> None:
     """`path`.csv, .md and .tex."""
-    from .io import atomic, write_csv
+    from .io import atomic, write_csv, write_markdown
 
     path = Path(path)
     write_csv(path.with_suffix(".csv"), frame)
-    with atomic(path.with_suffix(".md")) as tmp:
-        tmp.write_text(frame.to_markdown(index=False, floatfmt=".4g") + "\n")
+    write_markdown(path.with_suffix(".md"), frame)
     with atomic(path.with_suffix(".tex")) as tmp:
         tmp.write_text(frame.to_latex(index=False, float_format="%.3g", na_rep="--"))
 

@@ -189,6 +189,11 @@ def predictions(plans: dict[str, list[str]], hardware: list[str], degrees: list[
     return rows
 
 
+def layout(result: dict) -> tuple[Plan | None, int]:
+    """The plan and TP degree of a `cqil latency` result."""
+    return (Plan.parse(result["plan"]) if result["plan"] else None), result["degree"] or 1
+
+
 def setup_name(plan: Plan | None, tp: int) -> str:
     if plan is None:
         return "original" if tp == 1 else f"tp {tp}"
@@ -208,8 +213,7 @@ def validation(results: list[dict]) -> list[dict]:
     dtype_bytes, rows = DTYPE_BYTES[original["dtype"]], []
     base = {(r["phase"], r["tokens"]): r["median_ms"] for r in original["records"] if r["threads"] == 1}
     for result in results:
-        plan = Plan.parse(result["plan"]) if result["plan"] else None
-        tp = result["degree"] or 1
+        plan, tp = layout(result)
         for record in (r for r in result["records"] if r["threads"] == 1):
             args = (original["shape"], hw, record["phase"], record["tokens"])
             baseline = record.get("baseline_median_ms", base[(record["phase"], record["tokens"])])

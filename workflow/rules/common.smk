@@ -83,7 +83,7 @@ def job_resources(rule, **override):
     and the GPU model, SLURM partition and account where the config names them (the SLURM executor reads
     these names; a local run ignores them)."""
     keys = ("mem_mb", "runtime", "gpu", "gpu_model", "slurm_partition", "slurm_account")
-    values = {**config["resources"]["default"], **config["resources"].get(rule, {})}
+    values = rule_resources(rule)
     return {key: values[key] for key in keys if key in values} | override
 
 
@@ -92,9 +92,14 @@ def run_folder(wildcards, output):
     return str(Path(output[0]).parents[1])
 
 
+def rule_resources(rule):
+    """A rule's entry in config.resources over the default entry."""
+    return {**config["resources"]["default"], **config["resources"].get(rule, {})}
+
+
 def res(rule, key):
-    """A rule's resource: its own entry in config.resources, else the default's."""
-    return {**config["resources"]["default"], **config["resources"].get(rule, {})}[key]
+    """One resource of a rule."""
+    return rule_resources(rule)[key]
 
 
 def for_selected_plans(*patterns):
