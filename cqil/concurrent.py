@@ -31,10 +31,13 @@ def attention(layer, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
 def delta(layer, hidden_states: torch.Tensor, attn: torch.Tensor, bypassed, official: bool) -> torch.Tensor:
     """delta_k = A_k + MLP_k(norm(x + A_k + B_k)), B_k the bypassed attention outputs (Sec. 3.3).
 
-    The official code also adds B_k to the residual (`official=True`, see PAPER.md).
+    `bypassed` is 0 where there is no B_k (D = 0, the group's first layer). The official code also
+    adds B_k to the residual (`official=True`, see PAPER.md).
     """
-    mlp = layer.mlp(layer.post_attention_layernorm(hidden_states + attn + bypassed))
-    return attn + mlp + (bypassed if official else 0)
+    bypassing = torch.is_tensor(bypassed)  # adding a literal 0 would still copy the (B, T, C) tensor
+    mixed = hidden_states + attn + bypassed if bypassing else hidden_states + attn
+    mlp = layer.mlp(layer.post_attention_layernorm(mixed))
+    return attn + mlp + bypassed if official and bypassing else attn + mlp
 
 
 def group_forward(members, bypass: int, official: bool, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:

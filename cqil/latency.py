@@ -5,6 +5,7 @@
 One repeat is a greedy generation: a prefill of the prompt (logits of its last position only, as
 `generate()` does), then `new_tokens` decode steps with the KV cache. Warm-up repeats are dropped;
 each record holds the median, p10 and p90 over the repeats, on rank 0's clock after a barrier.
+On CPU each rank of a multi-rank engine is bound to its own cores (`runtime.pin`).
 In the same run a check compares the engine's logits with a single-process reference under teacher
 forcing (both fed the reference's greedy tokens): cqil against the simulation of its plan
 (`concurrent.py`), tp against the original model. A padded batch exercises the masks.
@@ -230,6 +231,7 @@ def measure(spec: str, engine: str, settings: LatencySettings, plan: Plan | None
     ranks = runtime.init(settings.timeout, device)
     if ranks.world != world:
         raise runtime.EngineError(f"engine {engine}: needs {world} ranks, this run has {ranks.world}")
+    cores = runtime.pin(ranks, settings.threads_per_rank)
     sync = torch.cuda.synchronize if ranks.device.type == "cuda" else lambda: None
     model, _ = load_model(spec, dtype=dtype)
     model.to(ranks.device)
@@ -255,7 +257,8 @@ def measure(spec: str, engine: str, settings: LatencySettings, plan: Plan | None
     if ranks.rank != 0:
         return None
     return {"model": spec, "engine": engine, "plan": str(plan) if plan else None, "degree": degree, "ranks": world,
-            "device": ranks.device.type, "backend": backend, "dtype": str(model.dtype).removeprefix("torch."),
+            "device": ranks.device.type, "backend": backend, "rank0_cores": cores,  # None: not bound (runtime.pin)
+            "dtype": str(model.dtype).removeprefix("torch."),
             "layers": model.config.num_hidden_layers, "shape": {key: getattr(model.config, key) for key in SHAPE},
             "check": check, "records": records, "parts": parts,
             "allreduce": allreduce}

@@ -58,6 +58,25 @@ def init(timeout: float = 300.0, device: str = "auto") -> Ranks:
     return Ranks(rank, world, where)
 
 
+def pin(ranks: Ranks, threads: int) -> list[int] | None:
+    """On CPU, bind rank r to its own `threads` cores among those this job may use (as MPI's `--bind-to core`).
+
+    Unbound ranks get moved between cores and share them with the launcher. On the 2-vCPU test VM,
+    binding raised CQIL P=2's prefill gain from 70-84% to 82-86% of the ideal and its decode gain from
+    0-2% to 8-11% (llama-135m, 512 tokens, a few runs each). Returns the cores, or None where the
+    ranks are on GPUs, there is one rank, too few cores, or no affinity API (macOS).
+    """
+    if ranks.device.type != "cpu" or ranks.world == 1 or not hasattr(os, "sched_setaffinity"):
+        return None
+    cores = sorted(os.sched_getaffinity(0))  # under SLURM, the job's cores
+    if len(cores) < ranks.world * threads:
+        return None
+    mine = cores[ranks.rank * threads:(ranks.rank + 1) * threads]
+    for thread in os.listdir("/proc/self/task"):  # every thread already started (gloo's too), not just this one
+        os.sched_setaffinity(int(thread), mine)
+    return mine
+
+
 def launch(program: list[str], nproc: int) -> None:
     """Run `program` (`["-m", "cqil", ...]` or `["script.py", ...]`) on `nproc` local ranks with torchrun.
 
