@@ -10,6 +10,7 @@ ranks when one exits, and a collective that waits longer than `timeout` raises o
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -62,9 +63,9 @@ def pin(ranks: Ranks, threads: int) -> list[int] | None:
     """On CPU, bind rank r to its own `threads` cores among those this job may use (as MPI's `--bind-to core`).
 
     Unbound ranks get moved between cores and share them with the launcher. On the 2-vCPU test VM,
-    binding raised CQIL P=2's prefill gain from 70-84% to 82-86% of the ideal and its decode gain from
-    0-2% to 8-11% (llama-135m, 512 tokens, a few runs each). Returns the cores, or None where the
-    ranks are on GPUs, there is one rank, too few cores, or no affinity API (macOS).
+    binding lifted CQIL P=2's decode gain from 0-2% to 8-14% and its prefill gain by a few points of
+    the ideal (README, *Latency*). Returns the cores, or None where the ranks are on GPUs, there is
+    one rank, too few cores, or no affinity API (macOS).
     """
     if ranks.device.type != "cpu" or ranks.world == 1 or not hasattr(os, "sched_setaffinity"):
         return None
@@ -73,7 +74,8 @@ def pin(ranks: Ranks, threads: int) -> list[int] | None:
         return None
     mine = cores[ranks.rank * threads:(ranks.rank + 1) * threads]
     for thread in os.listdir("/proc/self/task"):  # every thread already started (gloo's too), not just this one
-        os.sched_setaffinity(int(thread), mine)
+        with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
+            os.sched_setaffinity(int(thread), mine)
     return mine
 
 
