@@ -18,7 +18,7 @@ import torch
 from cqil.cli import main
 from cqil.latency import LatencySettings, table
 from cqil.plan import Plan
-from cqil.runtime import EngineError, Ranks, launch, pin
+from cqil.runtime import EngineError, Ranks, bind, launch, pin
 from cqil.runtime.cqil import shard
 from cqil.runtime.tp import check_degree
 from tests.conftest import tiny_config, tiny_model, tiny_tokenizer
@@ -70,11 +70,6 @@ def test_two_ranks_match_one_process(tiny_dirs, tmp_path, family, args, placemen
         assert result["rank0_cores"] == sorted(os.sched_getaffinity(0))[:1]  # each rank bound to its own core
 
 
-def unpin(cores) -> None:
-    for thread in os.listdir("/proc/self/task"):  # pin binds every thread of the process
-        os.sched_setaffinity(int(thread), cores)
-
-
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity API here")
 def test_pin_gives_each_rank_its_own_cores():
     allowed = os.sched_getaffinity(0)
@@ -84,11 +79,11 @@ def test_pin_gives_each_rank_its_own_cores():
             expected = cores[rank:rank + 1] if len(cores) >= 2 else None
             assert pin(Ranks(rank, 2, torch.device("cpu")), threads=1) == expected
             assert os.sched_getaffinity(0) == set(expected or allowed)
-            unpin(allowed)  # each rank is its own process, starting from the job's cores
+            bind(allowed)  # each rank is its own process, starting from the job's cores
         assert pin(Ranks(0, 2, torch.device("cpu")), threads=len(cores)) is None  # too few cores: left alone
         assert pin(Ranks(0, 1, torch.device("cpu")), threads=1) is None  # one rank: nothing to split
     finally:
-        unpin(allowed)
+        bind(allowed)
 
 
 def test_original_records_threads_and_parts(tiny_dirs, tmp_path):

@@ -73,10 +73,15 @@ def pin(ranks: Ranks, threads: int) -> list[int] | None:
     if len(cores) < ranks.world * threads:
         return None
     mine = cores[ranks.rank * threads:(ranks.rank + 1) * threads]
-    for thread in os.listdir("/proc/self/task"):  # every thread already started (gloo's too), not just this one
-        with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
-            os.sched_setaffinity(int(thread), mine)
+    bind(mine)
     return mine
+
+
+def bind(cores) -> None:
+    """Restrict every thread this process has started (gloo's too), not just the calling one, to `cores`."""
+    for thread in os.listdir("/proc/self/task"):
+        with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
+            os.sched_setaffinity(int(thread), cores)
 
 
 def launch(program: list[str], nproc: int) -> None:
