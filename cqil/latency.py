@@ -28,7 +28,7 @@ from transformers import DynamicCache
 
 from . import runtime, simulate
 from .concurrent import planned
-from .models import decoder_layers, load_model
+from .models import decoder_layers, load_model, with_cache
 from .plan import Plan
 
 ENGINES = ("original", "cqil", "tp")
@@ -78,8 +78,8 @@ def prompts(vocab: int, batch: int, length: int, seed: int, pad: int = 0):
 def forward(model, ids, mask, cache, keep: int):
     """One cached forward of `ids` (B, T); `mask` covers the cache and `ids`; logits of the last `keep` positions (0: all)."""
     positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
-    return model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                 use_cache=True, logits_to_keep=keep).logits
+    return model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=keep,
+                 **with_cache(cache)).logits
 
 
 @torch.no_grad()
@@ -356,7 +356,7 @@ def layer_latency(shape: str, lengths: list[int], context: int, dtype: str = "bf
     position = torch.tensor([[context]], device=device)
     embeddings, cache_position = rotary(hidden, position), position[0]
     step = lambda: layer(hidden, position_embeddings=embeddings, position_ids=position,  # noqa: E731
-                         past_key_values=cache, use_cache=True, cache_position=cache_position)
+                         use_cache=True, cache_position=cache_position, **with_cache(cache))
     records.append({"phase": "decode", "tokens": context, **stats(_time(step, warmup, repeats, sync, graphs))})
     weights = sum(p.numel() * p.element_size() for p in layer.parameters())
     return [{"shape": shape, "dtype": dtype, "device": str(device), "graphs": graphs, "layer_bytes": weights,

@@ -14,6 +14,7 @@ under a second.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
 import re
 import subprocess
@@ -26,6 +27,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from .plan import Plan
 
@@ -236,6 +238,19 @@ def describe(spec: str) -> dict:
     }
 
 
+# --- The KV cache keyword ------------------------------------------------------------------------------
+# transformers 5.24 renamed the keyword that hands a KV cache to a model, a decoder layer or a mask
+# function from `past_key_values` to `cache` (the old name still works with a FutureWarning until
+# 5.40); model outputs renamed the field too. Every place that passes or reads a cache goes through
+# this one name, so the code runs on both sides of the rename without a warning.
+CACHE = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+
+
+def with_cache(cache) -> dict:
+    """The keyword argument that hands `cache` (a transformers Cache, or None) to a model, layer or mask."""
+    return {CACHE: cache}
+
+
 # --- Running the decoder layer by layer -------------------------------------------------------------
 # The analysis and the plan search start the stack in the middle (from a cached layer input), so they
 # call the layers themselves. These three functions reproduce the model's own uncached forward exactly
@@ -251,8 +266,6 @@ def _layer_types(config) -> list[str]:
 
 def decoder_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
     """Token embeddings (B, T, C) and, for each decoder layer, its keyword arguments (mask, rotary)."""
-    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-
     inner = causal_lm(model).model
     hidden = inner.embed_tokens(input_ids)
     if attention_mask is None:
@@ -260,7 +273,7 @@ def decoder_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
     else:  # left padding: positions count real tokens only, as generate() does
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     mask_args = dict(config=model.config, inputs_embeds=hidden, attention_mask=attention_mask,
-                     past_key_values=None, position_ids=positions)
+                     position_ids=positions, **with_cache(None))
     types = _layer_types(model.config)
     masks = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
     masks = {kind: masks[kind](**mask_args) for kind in set(types)}

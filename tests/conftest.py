@@ -4,6 +4,8 @@ import os
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the Hugging Face Hub
+# As pyproject.toml's filterwarnings, for the processes the tests start: a deprecated cache keyword fails.
+os.environ.setdefault("PYTHONWARNINGS", "error:`past_key_values` is deprecated:FutureWarning")
 
 import pytest
 import torch

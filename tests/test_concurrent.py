@@ -10,6 +10,7 @@ from transformers.masking_utils import create_causal_mask
 
 from conftest import tiny_model
 from cqil import Plan, PlanError, apply_plan, load_model, remove_plan
+from cqil.models import CACHE, with_cache
 
 PLANS = ["S2-E6-P2-D0", "S2-E6-P2-D1", "S2-E6-P2-D1-official", "S1-E5-P4-D0", "S1-E5-P4-D1",
          "S1-E5-P4-D1-official", "S0-E8-P4-D3", "S0-E8-P4-D2-official"]
@@ -26,7 +27,7 @@ def reference_logits(model, ids, plan):
     h = inner.embed_tokens(ids)
     pos = torch.arange(ids.shape[1])[None]
     kw = dict(attention_mask=create_causal_mask(config=model.config, inputs_embeds=h, attention_mask=None,
-                                                past_key_values=None, position_ids=pos),
+                                                position_ids=pos, **with_cache(None)),
               position_embeddings=inner.rotary_emb(h, position_ids=pos), position_ids=pos)
     starts = {g.start: [inner.layers[j] for j in g] for g in plan.groups()} if plan else {}
     i = 0
@@ -157,8 +158,9 @@ def test_cached_generation_equals_uncached(family, name):
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=tokens, do_sample=False,
                          return_dict_in_generate=True, output_logits=True, pad_token_id=0)
     # every layer, grouped or not, has its own cache entry holding every position
-    assert len(out.past_key_values.layers) == 8
-    assert all(layer.keys.shape[-2] == 6 + tokens - 1 for layer in out.past_key_values.layers)
+    cache = getattr(out, CACHE)
+    assert len(cache.layers) == 8
+    assert all(layer.keys.shape[-2] == 6 + tokens - 1 for layer in cache.layers)
 
     seq = ids
     with torch.no_grad():

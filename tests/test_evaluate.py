@@ -27,10 +27,10 @@ def test_task_yamls_render_with_absolute_paths(tmp_path):
 
 
 def test_task_yamls_load_offline(tmp_path):
-    from lm_eval.tasks import TaskManager, get_task_dict
+    from lm_eval.tasks import TaskManager
 
     manager = TaskManager(include_path=str(render_tasks(tmp_path / "tasks", data_dir=SHARED_DATA)), include_defaults=False)
-    tasks = get_task_dict(list(ROWS), manager)
+    tasks = manager.load(list(ROWS))["tasks"]
     for name, rows in ROWS.items():
         task = tasks[name]
         docs = list(task.test_docs() if task.has_test_docs() else task.validation_docs())

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from ..concurrent import attention, check_layer_types, delta, pass_through, remove_plan
-from ..models import causal_lm, decoder_layers
+from ..models import CACHE, causal_lm, decoder_layers
 from ..plan import Plan
 from . import EngineError
 
@@ -52,13 +52,12 @@ def rank_forward(layer, rank: int, bypass: int, official: bool, entry: bool, hid
     return hidden_states + summed
 
 
-def placeholder(layer_idx: int, kv_shape: tuple[int, int], hidden_states: torch.Tensor, past_key_values=None,
-                **kwargs) -> torch.Tensor:
+def placeholder(layer_idx: int, kv_shape: tuple[int, int], hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
     """A layer that only rank 0 runs (rank-0 placement), on another rank: compute nothing, but give the
     layer's cache slot as many positions as rank 0's, since transformers reads cache lengths there."""
-    if past_key_values is not None:
+    if (cache := kwargs.get(CACHE)) is not None:
         zeros = hidden_states.new_zeros(hidden_states.shape[0], kv_shape[0], hidden_states.shape[1], kv_shape[1])
-        past_key_values.update(zeros, zeros, layer_idx)
+        cache.update(zeros, zeros, layer_idx)
     return hidden_states
 
 
