@@ -21,7 +21,7 @@ from .data import CorpusError
 from .finetune import FinetuneError
 from .models import DTYPES, ModelError, describe, load_model
 from .plan import Plan, PlanError
-from .runtime import EngineError
+from .runtime import EngineError, report_error
 from .simulate import SimulateError
 
 
@@ -614,6 +614,7 @@ def main(argv: list[str] | None = None) -> None:
         args.func(args)
     except (PlanError, ModelError, CorpusError, FinetuneError, InputError, EngineError, SimulateError) as err:
         print(f"cqil: error: {err}", file=sys.stderr)
+        report_error(str(err))  # a rank under torchrun: the launcher repeats it
         sys.exit(2)
 
 

@@ -127,7 +127,8 @@ def compare(model, reference) -> dict:
     pairs = [(logits[0][real], expected[0][real])] + [(a[:, -1], b[:, -1]) for a, b in zip(logits[1:], expected[1:])]
     got, want = torch.cat([a for a, _ in pairs]).double(), torch.cat([b for _, b in pairs]).double()
     return {"max_abs_diff": float((got - want).abs().max()), "argmax_agreement": float((got.argmax(-1) == want.argmax(-1)).double().mean()),
-            "positions": len(got), "batch_size": len(ids), "decode_steps": forced.shape[1]}
+            "reference_max_abs": float(want.abs().max()), "positions": len(got), "batch_size": len(ids),
+            "decode_steps": forced.shape[1]}
 
 
 def time_generation(model, ranks, settings: LatencySettings, length: int, sync, progress, baseline=None,
@@ -204,6 +205,28 @@ def time_allreduce(ranks, settings: LatencySettings, hidden: int, dtype, sync) -
     return records
 
 
+# What the check allows between an engine's logits and its single-process reference, by dtype:
+# (absolute, relative to the largest |reference logit|). Both sides run the same weights in the same
+# dtype, so only the order of the additions differs (the all-reduce, TP's split matmuls). float32: 1e-4
+# absolute, the tests' tolerance. bfloat16 and float16 keep 8 and 11 significant bits, and that drift
+# grows with the logits: measured on CPU (random llama-135m, logits up to 2.2), TP 2 moved them by 1.8%
+# (bf16) and 0.24% (fp16) of the largest, CQIL P4 by 1.0% and 0.13%; allowed are 5% and 1%. A broken
+# engine misses by far: the plan itself moves them by 19-57% there, an unfilled cache slot by more.
+CHECK_TOLERANCE = {"float64": (1e-8, 0.0), "float32": (1e-4, 0.0), "bfloat16": (0.0, 0.05), "float16": (0.0, 0.01)}
+
+
+def check_failure(check: dict, engine: str, plan: Plan | None, degree: int | None, dtype) -> str | None:
+    """Why the check fails (logits beyond `CHECK_TOLERANCE` of the reference), in one line; None if it passes."""
+    name = str(dtype).removeprefix("torch.")
+    absolute, relative = CHECK_TOLERANCE[name]
+    limit, diff = absolute + relative * check["reference_max_abs"], check["max_abs_diff"]
+    if diff <= limit:  # NaN fails
+        return None
+    what = f"plan {plan}" if plan else f"degree {degree}"
+    return (f"engine {engine}, {what}: check failed, max |logit difference| {diff:.3g} against the single-process "
+            f"reference exceeds {limit:.3g} ({name}); no timing was written")
+
+
 def shard(model, engine: str, plan: Plan | None, degree: int | None, ranks, settings: LatencySettings):
     """This rank's part of `engine`, and the check of its logits against the single-process reference."""
     if engine == "original":
@@ -238,6 +261,11 @@ def measure(spec: str, engine: str, settings: LatencySettings, plan: Plan | None
     interleaved = engine != "original" and settings.interleaved_baseline
     baseline = copy.deepcopy(model) if interleaved and ranks.rank == 0 else None
     model, check = shard(model, engine, plan, degree, ranks, settings)
+    # Rank 0's logits are the engine's (under rank-0 placement the only ones): its verdict stops every rank.
+    failure = check_failure(check, engine, plan, degree, model.dtype) if check and ranks.rank == 0 else None
+    if ranks.share(failure is not None):
+        ranks.close()
+        raise runtime.EngineError(failure) if ranks.rank == 0 else SystemExit(2)  # rank 0 says why
 
     threads = settings.baseline_threads if engine == "original" else [settings.threads_per_rank]
     records, parts = [], []

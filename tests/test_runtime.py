@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from cqil.cli import main
-from cqil.latency import LatencySettings, table
+from cqil.latency import LatencySettings, check_failure, table
 from cqil.plan import Plan
 from cqil.runtime import EngineError, Ranks, bind, launch, pin
 from cqil.runtime.cqil import shard
@@ -176,6 +176,43 @@ def test_cli_launches_torchrun_and_rank0_writes(tiny_dirs, tmp_path):
     result = json.loads(out.read_text())
     assert result["plan"] == "S2-E6-P2-D0" and result["provenance"]["machine"]["cores"] >= 1
     assert LatencySettings(**result["settings"]).check_new_tokens == 8
+
+
+BROKEN_ENGINE = """
+# Imported by `site` at the start of every process (the test puts it on PYTHONPATH): each rank's group
+# output is off by one, as a bug in the engine would make it. The library itself is unchanged.
+import cqil.runtime.cqil as engine
+
+correct = engine.rank_forward
+engine.rank_forward = lambda *args, **kwargs: correct(*args, **kwargs) + 1.0
+"""
+
+
+def test_a_failing_check_fails_the_run_before_any_timing(tiny_dirs, tmp_path):
+    """An engine whose logits leave the tolerance ends the job non-zero with one line, and writes nothing."""
+    (tmp_path / "sitecustomize.py").write_text(BROKEN_ENGINE)
+    out = tmp_path / "cqil.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
+    run = subprocess.run([sys.executable, "-m", "cqil", "latency", "--model", str(tiny_dirs["llama"]), "--engine", "cqil",
+                          "--plan", "S2-E6-P2-D0", "--settings", json.dumps(SETTINGS), "--out", str(out)],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode != 0 and not out.exists()
+    errors = [line for line in run.stderr.splitlines() if line.startswith("cqil: error: ")]
+    assert len(errors) == 2 and errors[0] == errors[1], run.stderr  # rank 0's line, repeated by the launcher last
+    assert errors[-1].startswith("cqil: error: engine cqil, plan S2-E6-P2-D0: check failed, max |logit difference| ")
+    assert errors[-1].endswith(" exceeds 0.0001 (float32); no timing was written")
+    assert "[rank1]" not in run.stderr  # rank 1 stops cleanly, without the traceback of a broken connection
+
+
+def test_check_tolerance_by_dtype():
+    failure = check_failure({"max_abs_diff": 0.7, "reference_max_abs": 10.0}, "cqil", Plan.parse("S2-E6-P2-D1"), None,
+                            torch.bfloat16)
+    assert failure == ("engine cqil, plan S2-E6-P2-D1: check failed, max |logit difference| 0.7 against the "
+                       "single-process reference exceeds 0.5 (bfloat16); no timing was written")
+    assert check_failure({"max_abs_diff": 0.4, "reference_max_abs": 10.0}, "tp", None, 2, torch.bfloat16) is None
+    assert check_failure({"max_abs_diff": 9e-5, "reference_max_abs": 1e3}, "tp", None, 2, torch.float32) is None
+    assert "degree 2: check failed, max |logit difference| nan" in check_failure(
+        {"max_abs_diff": float("nan"), "reference_max_abs": 1.0}, "tp", None, 2, torch.float32)
 
 
 def test_layer_latency_on_cpu(tmp_path, capsys):

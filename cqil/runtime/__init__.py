@@ -14,11 +14,16 @@ import contextlib
 import os
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+
+ERRORS = "CQIL_RANK_ERRORS"  # where `launch` asks its ranks to leave their one-line errors
 
 
 class EngineError(ValueError):
@@ -34,6 +39,14 @@ class Ranks:
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
+
+    def share(self, flag: bool) -> bool:
+        """Rank 0's `flag`, on every rank."""
+        if self.world == 1:
+            return flag
+        shared = torch.tensor([float(flag)], device=self.device)
+        dist.broadcast(shared, src=0)
+        return bool(shared.item())
 
     def close(self) -> None:
         """Leave the process group together: a rank that exits while another still talks can abort it."""
@@ -91,7 +104,17 @@ def launch(program: list[str], nproc: int) -> None:
     same machine does not collide.
     """
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *program]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}  # torchrun's default, without its warning
-    status = subprocess.run(command, env=env).returncode
-    if status:
-        raise EngineError(f"{nproc} ranks: torchrun exited with status {status} (the failing rank's error is above)")
+    with tempfile.TemporaryDirectory() as errors:
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),  # torchrun's default, no warning
+               ERRORS: errors}
+        status = subprocess.run(command, env=env).returncode
+        reasons = [path.read_text() for path in sorted(Path(errors).iterdir())]
+    if status:  # the ranks' own one-line errors, or where to look
+        raise EngineError(reasons[0] if reasons else
+                          f"{nproc} ranks: torchrun exited with status {status} (the failing rank's error is above)")
+
+
+def report_error(message: str) -> None:
+    """Under `launch`, hand a rank's one-line error to the launcher, which repeats it as its own last line."""
+    if ERRORS in os.environ:
+        (Path(os.environ[ERRORS]) / f"rank{int(os.environ.get('RANK', 0)):05d}").write_text(message)
