@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 import yaml
 
+pytestmark = pytest.mark.slurm
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--configfile", "tests/data/small.yaml"]
 SLURM = ["--profile", "slurm", "--profile", "tests/profiles/slurm-ci"]  # `slurm` resolves to ./slurm -> profiles/slurm
