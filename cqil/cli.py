@@ -443,6 +443,8 @@ def cmd_track(args) -> None:
         changed = table[table.status.isin(["regression", "improvement", "new", "missing"])]
         counts = ", ".join(f"{count} {status}" for status, count in table.status.value_counts().items())
         print(f"\n{name} (git {old['git'][:8]}, {old['date']}): {counts}")
+        drifted = track.package_changes(records[-1], old)
+        print(f"packages changed: {', '.join(drifted)}" if drifted else "packages: the same versions")
         print(changed.to_markdown(index=False, floatfmt=".4g") if len(changed) else "no change beyond the thresholds")
         if args.out:
             write_csv(Path(args.out).with_name(f"{Path(args.out).stem}-{name.split()[0]}.csv"), table)

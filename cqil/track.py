@@ -3,8 +3,8 @@
     cqil track record --run-dir results/default --logs logs/default --history results/history.jsonl
     cqil track compare --history results/history.jsonl --baseline v0.1 --fail-on-regression
 
-A record holds where it came from (git sha and dirty flag, date, machine, config name and hash,
-package versions) and the run's key metrics, flattened to `name -> value`: per-plan perplexity, KL
+A record holds where it came from (git sha and dirty flag, date, machine, config name and hash, the
+version of every installed package) and the run's key metrics, flattened to `name -> value`: per-plan perplexity, KL
 and top-1 agreement, task accuracies, measured latency reductions, search throughput and each stage's
 wall time (Snakemake's benchmark files). Each metric's kind (the name's last part) decides whether
 lower or higher is better and how much change is noise (`Threshold`, set in config). The history is
@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .environment import canonical, changes, installed
 from .io import git_sha, machine, settings_hash
 
 
@@ -73,13 +74,10 @@ def metrics(run_dir: Path, logs: Path) -> dict[str, float]:
 
 
 def record(run_dir, logs, config: dict, config_name: str, label: str | None = None) -> dict:
-    from importlib.metadata import version
-
     sha = git_sha()
     return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "label": label,
             "git": sha.removesuffix("-dirty"), "dirty": sha.endswith("-dirty"), "machine": machine(),
-            "config": config_name, "config_hash": settings_hash(config),
-            "versions": {name: version(name) for name in ("cqil", "torch", "transformers", "peft", "lm_eval", "snakemake")},
+            "config": config_name, "config_hash": settings_hash(config), "packages": installed(),
             "metrics": metrics(Path(run_dir), Path(logs))}
 
 
@@ -117,8 +115,25 @@ def find(records: list[dict], baseline: str) -> dict | None:
 
 # --- Comparing two records -------------------------------------------------------------------------
 
+def package_changes(new: dict, old: dict) -> list[str]:
+    """`name old -> new` for each package whose version differs between the records' environments.
+
+    Records written before every package was stored hold six (`versions`); then only those count.
+    """
+    def stored(record):
+        return {canonical(name): version for name, version in (record.get("packages") or record.get("versions", {})).items()}
+
+    return changes(stored(old), stored(new), both_complete="packages" in new and "packages" in old)
+
+
 def compare(new: dict, old: dict, settings: TrackSettings) -> pd.DataFrame:
-    """A row per metric: old, new, change; `regression` where it moved the bad way by more than the threshold."""
+    """A row per metric: old, new, change; `regression` where it moved the bad way by more than the threshold.
+
+    Beside each metric that moved (regression or improvement), `packages` names the package versions that
+    differ between the two records: a library release is often the reason.
+    """
+    drifted = package_changes(new, old)
+    shown = "; ".join(drifted[:3] + ([f"and {len(drifted) - 3} more"] if len(drifted) > 3 else [])) or None
     rows = []
     for name in sorted(set(new["metrics"]) | set(old["metrics"])):
         before, after = old["metrics"].get(name), new["metrics"].get(name)
@@ -127,8 +142,9 @@ def compare(new: dict, old: dict, settings: TrackSettings) -> pd.DataFrame:
             judge(before, after, limit)
         rows.append({"metric": name, "old": before, "new": after,
                      "change": None if before is None or after is None else after - before,
-                     "better": limit.direction if limit else None, "status": status})
-    return pd.DataFrame(rows, columns=["metric", "old", "new", "change", "better", "status"])
+                     "better": limit.direction if limit else None, "status": status,
+                     "packages": shown if status in ("regression", "improvement") else None})
+    return pd.DataFrame(rows, columns=["metric", "old", "new", "change", "better", "status", "packages"])
 
 
 def judge(before: float, after: float, limit: Threshold) -> str:

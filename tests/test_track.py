@@ -5,7 +5,7 @@ import json
 import pytest
 
 from cqil.cli import main
-from cqil.track import TrackSettings, append, benchmark_json, compare, find, load
+from cqil.track import TrackSettings, append, benchmark_json, compare, find, load, package_changes
 
 BASE = {"m/S16-E28-P2-D0/zeroshot/heldout/kl": 0.40, "m/S16-E28-P2-D0/zeroshot/heldout/top1": 0.70,
         "m/latency/cqil S12-E28-P2-D0/prefill-512/reduction": 0.20, "stage/search/m/seconds": 100.0,
@@ -39,6 +39,24 @@ def test_direction_aware_thresholds():
     # thresholds come from config: a tighter one turns the noise above into a regression
     tight = TrackSettings(thresholds={"kl": {"direction": "lower", "tolerance": 0.01}})
     assert statuses(noisy, old, tight)["m/S16-E28-P2-D0/zeroshot/heldout/kl"] == "regression"
+
+
+def test_changed_package_versions_stand_beside_the_metrics_that_moved(tmp_path, capsys):
+    old = entry("a" * 40) | {"packages": {"torch": "2.13.0+cpu", "transformers": "5.23.0", "numpy": "2.4.6"}}
+    new = entry("b" * 40, **{"m__S16-E28-P2-D0__zeroshot__heldout__kl": 0.60}) | {
+        "packages": {"torch": "2.13.0+cpu", "transformers": "5.24.0", "numpy": "2.4.6", "tokenizers": "0.23.1"}}
+    assert package_changes(new, old) == ["tokenizers - -> 0.23.1", "transformers 5.23.0 -> 5.24.0"]
+    table = compare(new, old, TrackSettings()).set_index("metric")
+    assert table.loc["m/S16-E28-P2-D0/zeroshot/heldout/kl", "packages"] == "tokenizers - -> 0.23.1; transformers 5.23.0 -> 5.24.0"
+    assert table.packages.notna().sum() == 1  # only the metric that moved
+    # a record from before every package was stored (six `versions`): only the packages both name count
+    legacy = entry("c" * 40) | {"versions": {"torch": "2.13.0+cpu", "transformers": "5.23.0", "lm_eval": "0.4.13"}}
+    assert package_changes(new, legacy) == ["transformers 5.23.0 -> 5.24.0"]
+    history = tmp_path / "history.jsonl"
+    append(history, old)
+    append(history, new)
+    main(["track", "compare", "--history", str(history)])
+    assert "packages changed: tokenizers - -> 0.23.1, transformers 5.23.0 -> 5.24.0" in capsys.readouterr().out
 
 
 def test_new_and_missing_metrics():
