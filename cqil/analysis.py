@@ -3,19 +3,41 @@
     similarity(model, blocks)             # (L, L) mean cosine between the inputs of layers i and j
     sensitivity(model, blocks, (1, 2))    # rows: layer i run on the input of layer i-k
 
-Both run the original model layer by layer on corpus blocks (no padding inside blocks).
+Both run the original model layer by layer on corpus blocks (no padding inside blocks). The stages
+`run_similarity` and `run_sensitivity` write them as CSV tables, with a JSON summary beside each.
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .concurrent import planned
-from .evaluate import add_sums, log_probs, summarize, token_sums
-from .models import decoder_inputs, decoder_layers, lm_logits, run_layers
+from .data import load_split
+from .errors import CqilError
+from .io import provenance, write_csv, write_json
+from .layers import decoder_inputs, decoder_layers, lm_logits, run_layers
+from .metrics import add_sums, log_probs, summarize, token_sums
+from .models import load_model
+from .transform import planned
+
+
+@dataclass(frozen=True)
+class SimilaritySettings:
+    split: str = "calibration"  # corpus blocks to measure on
+    batch_size: int = 4
+
+
+@dataclass(frozen=True)
+class SensitivitySettings:
+    split: str = "calibration"
+    distances: list = field(default_factory=lambda: [1, 2])  # layer i runs on the input of layer i-k
+    batch_size: int = 2
 
 
 def layer_inputs(model, input_ids: torch.Tensor):
@@ -39,7 +61,7 @@ def similarity(model, blocks: torch.Tensor, batch_size: int = 4) -> np.ndarray:
     token of each block is left out (its attention-sink state is an outlier in every layer).
     """
     if blocks.shape[1] < 2:
-        raise ValueError(f"similarity: blocks of {blocks.shape[1]} token(s) have nothing after the first token")
+        raise CqilError(f"similarity: blocks of {blocks.shape[1]} token(s) have nothing after the first token")
     gram, count = 0.0, 0
     with planned(model, None):
         for batch in tqdm(blocks.split(batch_size), desc="similarity", unit="batch"):
@@ -83,3 +105,24 @@ def _sensitivity_sums(model, batch: torch.Tensor, variants):
         hidden = inputs[i] + run_layers(model, early, kwargs, range(i, i + 1)) - early
         hidden = run_layers(model, hidden, kwargs, range(i + 1, num_layers))
         yield (i, k), token_sums(log_probs(lm_logits(model, hidden)), batch, reference)
+
+
+def run_similarity(settings: SimilaritySettings, *, model: str, corpus, out, dtype: str = "auto") -> None:
+    """The stage: the similarity matrix as a long CSV (layer_i, layer_j, cosine), adjacent pairs in the JSON beside it."""
+    blocks = load_split(corpus, settings.split)
+    matrix = similarity(load_model(model, dtype=dtype)[0], blocks, batch_size=settings.batch_size)
+    size = len(matrix)
+    write_csv(out, pd.DataFrame({"layer_i": np.repeat(np.arange(size), size), "layer_j": np.tile(np.arange(size), size),
+                                 "cosine": matrix.ravel()}))
+    write_json(Path(out).with_suffix(".json"), {
+        "adjacent": [float(matrix[i, i + 1]) for i in range(size - 1)], "blocks": len(blocks),
+        "provenance": provenance({"model": model, "dtype": dtype, "settings": asdict(settings)})})
+
+
+def run_sensitivity(settings: SensitivitySettings, *, model: str, corpus, out, dtype: str = "auto") -> None:
+    """The stage: perplexity and KL when layer i computes from the input of layer i-k, a CSV row per (i, k)."""
+    blocks = load_split(corpus, settings.split)
+    rows = sensitivity(load_model(model, dtype=dtype)[0], blocks, settings.distances, batch_size=settings.batch_size)
+    write_csv(out, pd.DataFrame(rows))
+    write_json(Path(out).with_suffix(".json"), {
+        "blocks": len(blocks), "provenance": provenance({"model": model, "dtype": dtype, "settings": asdict(settings)})})

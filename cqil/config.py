@@ -1,9 +1,11 @@
-"""Check a workflow config before any job runs: the schema first, then the plans against each model.
+"""Check a workflow config before any job runs: the schema, every stage's settings, the plans against each model.
 
     check_config(config, "workflow/schemas/config.schema.yaml")   # raises ConfigError, one line
 
-The schema (JSON Schema draft 2020-12) checks keys, types, enums and ranges; this module adds what
-needs the models' layer counts: every plan and grid value must fit every model of the run.
+The schema (JSON Schema draft 2020-12) checks keys, types, enums and ranges. Then each stage's section
+becomes that stage's settings, as the job will build them (stages.SECTIONS), so what the settings
+refuse (a missing file, a task without its data) fails here; and every plan and grid value must fit
+every model of the run, which needs the models' layer counts.
 """
 
 from __future__ import annotations
@@ -14,11 +16,9 @@ import yaml
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import best_match
 
-from .plan import Plan, PlanError
-
-
-class ConfigError(ValueError):
-    """A config that cannot run; the message is one line with the path of the field."""
+from .errors import ConfigError, CqilError
+from .plan import Plan
+from .stages import SECTIONS, settings
 
 
 def _where(path) -> str:
@@ -48,7 +48,7 @@ def check_plans(config: dict) -> None:
             for i, plan in enumerate(names):
                 try:
                     Plan.parse(plan).validate(layers)
-                except PlanError as err:
+                except CqilError as err:
                     raise ConfigError(f"config.{field}[{i}]: {err} (model {name!r})") from None
         grid = Plan.grid(layers, search["starts"], search["ends"], search["sizes"], search.get("bypasses", [0]),
                          search.get("modes", ["paper"]))
@@ -57,33 +57,34 @@ def check_plans(config: dict) -> None:
 
 
 def check_latency(config: dict) -> None:
-    latency = config.get("latency") or {"models": []}
+    latency = config.get("latency_setups") or {"models": []}
     for i, name in enumerate(latency["models"]):
         entry = config["catalog"].get(name)
         if entry is None:
-            raise ConfigError(f"config.latency.models[{i}]: {name!r} is not in config.catalog ({', '.join(config['catalog'])})")
-        for field, plans in (("latency.plans", latency["plans"]), (f"catalog.{name}.plans", entry.get("plans", []))):
+            raise ConfigError(f"config.latency_setups.models[{i}]: {name!r} is not in config.catalog "
+                              f"({', '.join(config['catalog'])})")
+        for field, plans in (("latency_setups.plans", latency["plans"]), (f"catalog.{name}.plans", entry.get("plans", []))):
             for j, plan in enumerate(plans):
                 try:
                     Plan.parse(plan).validate(entry["layers"])
-                except PlanError as err:
+                except CqilError as err:
                     raise ConfigError(f"config.{field}[{j}]: {err} (model {name!r})") from None
         missing = [key for key in ("heads", "kv_heads") if key not in entry]
         if latency["tp_degrees"] and missing:
-            raise ConfigError(f"config.catalog.{name}: needs {' and '.join(missing)} for config.latency.tp_degrees")
+            raise ConfigError(f"config.catalog.{name}: needs {' and '.join(missing)} for config.latency_setups.tp_degrees")
 
 
-def check_simulate(config: dict) -> None:
-    from .simulate import SimulateError, SimulateSettings
-
-    try:
-        SimulateSettings(**config.get("simulate", {}))
-    except SimulateError as err:
-        raise ConfigError(f"config.{err}") from None
+def check_settings(config: dict) -> None:
+    """Build each stage's settings from its section, as its job will: what they refuse fails now, in one line."""
+    for section, cls in SECTIONS.items():
+        try:
+            settings(cls, config.get(section, {}), section)
+        except CqilError as err:
+            raise ConfigError(f"config.{err}") from None
 
 
 def check_config(config: dict, schema_path) -> None:
     check_schema(config, schema_path)
+    check_settings(config)
     check_plans(config)
     check_latency(config)
-    check_simulate(config)

@@ -1,7 +1,8 @@
 """Token blocks for calibration, search, fine-tuning and test: disjoint and deterministic.
 
-    corpus = build_corpus("smollm2-135m", CorpusSettings(source="generate"))
+    corpus, summary = build_corpus("smollm2-135m", CorpusSettings(source="generate"))
     corpus["search"]   # LongTensor (blocks, block_size)
+    run_corpus(CorpusSettings(), model="smollm2-135m", out="corpus.pt", summary="corpus.json")   # the stage
 
 Sources of text:
 - `generate` (the offline default): documents written by the model itself, sampled with a fixed seed
@@ -19,11 +20,16 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+
+from .errors import CqilError
+from .io import atomic, provenance, write_json
+from .models import load_model, load_tokenizer
+from .transform import remove_plan
 
 SPLITS = ("calibration", "search", "finetune", "test")
 SOURCES = ("generate", "files", "hub")
@@ -47,11 +53,7 @@ TOPICS = [
 ]
 
 
-class CorpusError(ValueError):
-    """A corpus that cannot be built as asked; the message is one line."""
-
-
-@dataclass
+@dataclass(frozen=True)
 class CorpusSettings:
     source: str = "generate"  # generate | files | hub
     block_size: int = 256  # tokens per block
@@ -67,18 +69,18 @@ class CorpusSettings:
     top_p: float = 0.95
     batch_size: int = 16  # source=generate: documents generated at once
 
-    def __post_init__(self):
+    def __post_init__(self):  # messages name the field as config does: a bad config fails before any job
         if self.source not in SOURCES:
-            raise CorpusError(f"corpus source={self.source!r}: allowed are {', '.join(SOURCES)}")
+            raise CqilError(f"corpus.source: {self.source!r} is not one of {', '.join(SOURCES)}")
         if set(self.blocks) != set(SPLITS):
-            raise CorpusError(f"corpus blocks: need exactly the splits {', '.join(SPLITS)}, got {', '.join(self.blocks)}")
+            raise CqilError(f"corpus.blocks: need exactly the splits {', '.join(SPLITS)}, got {', '.join(self.blocks)}")
         if self.source == "files" and not self.files:
-            raise CorpusError("corpus files: source=files needs at least one file")
-        for path in self.files:
+            raise CqilError("corpus.files: source=files needs at least one file")
+        for i, path in enumerate(self.files):
             if not Path(path).is_file():
-                raise CorpusError(f"corpus files: {path!r} not found")
+                raise CqilError(f"corpus.files[{i}]: {path!r} not found")
         if self.source == "hub" and not self.hub_path:
-            raise CorpusError("corpus hub_path: source=hub needs a dataset id")
+            raise CqilError("corpus.hub_path: source=hub needs a dataset id")
 
 
 def pack(documents: list[list[int]], settings: CorpusSettings) -> dict[str, torch.Tensor] | None:
@@ -132,9 +134,6 @@ def _generated_documents(model, tokenizer, settings: CorpusSettings):
 
 def build_corpus(model_spec: str, settings: CorpusSettings) -> tuple[dict[str, torch.Tensor], dict]:
     """The blocks of every split, and a summary (documents and tokens used, sample texts)."""
-    from .concurrent import remove_plan
-    from .models import load_model, load_tokenizer
-
     if settings.source == "generate":
         model, tokenizer = load_model(model_spec)
         remove_plan(model)  # the original writes the corpus, even for a saved CQIL model
@@ -154,8 +153,25 @@ def build_corpus(model_spec: str, settings: CorpusSettings) -> tuple[dict[str, t
             if have >= needed and (blocks := pack(documents, settings)):
                 break
     if blocks is None:
-        raise CorpusError(f"corpus: the {settings.source} source gave {len(documents)} documents, {have} tokens; "
+        raise CqilError(f"corpus: the {settings.source} source gave {len(documents)} documents, {have} tokens; "
                           f"the blocks need {needed} tokens of whole documents")
     summary = {"documents": len(documents), "tokens": {s: blocks[s].numel() for s in SPLITS},
                "blocks": {s: len(blocks[s]) for s in SPLITS}, "samples": samples}
     return blocks, summary
+
+
+def run_corpus(settings: CorpusSettings, *, model: str, out, summary) -> None:
+    """The stage: build the corpus of `model`, write its blocks (a torch file) and a summary JSON with provenance."""
+    blocks, found = build_corpus(model, settings)
+    with atomic(out) as tmp:
+        torch.save(blocks, tmp)
+    write_json(summary, found | {"provenance": provenance({"model": model, "settings": asdict(settings)})})
+
+
+def load_split(corpus, split: str) -> torch.Tensor:
+    """One split's blocks (B, T) of a corpus file written by `run_corpus`."""
+    if split not in SPLITS:
+        raise CqilError(f"split {split!r}: allowed are {', '.join(SPLITS)}")
+    if not Path(corpus).is_file():
+        raise CqilError(f"--corpus {str(corpus)!r}: file not found (run `cqil corpus` first)")
+    return torch.load(corpus)[split]

@@ -1,75 +1,50 @@
-"""Quality of a (possibly CQIL) model, always measured on the in-memory model (plan and adapters included).
+"""lm-eval on the in-memory model (plan and adapters included), with task configs that run offline.
 
-    perplexity(model, token_ids, block_size=512)    # {"perplexity": 22.97, "nll": 3.13, "tokens": 7154}
-    token_sums(...) / summarize(...)                # perplexity, KL(original || model), top-1 agreement
     lm_eval_tasks(model, tokenizer, ["arc_easy_local"], render_tasks(tmp, data_dir="../shared/data"))
 
 The lm-eval tasks in `cqil/tasks/` are the harness's own task configs pointed at local files
 (`dataset_path: json` / `csv`, `${data_dir}` filled in by `render_tasks`), so they run offline.
+Stages: `run_evaluate` (one variant: the original, a plan zero-shot, or a plan with its fine-tuned
+adapter) and `run_quality` (the table of every variant, with the held-out scores).
 """
 
 from __future__ import annotations
 
-import math
+import json
+import random
+import tempfile
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from string import Template
 
+import pandas as pd
 import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
+
+from .data import load_split
+from .errors import CqilError
+from .io import provenance, write_csv, write_json, write_markdown
+from .models import load_model
+from .plan import Plan
+
+QUALITY_METRICS = ("acc", "acc_norm", "word_perplexity")  # of the lm-eval results, what the quality table keeps
+HELDOUT_METRICS = ("perplexity", "kl", "top1")  # on the corpus's held-out blocks, against the original
 
 
-def blocks(token_ids: torch.Tensor, block_size: int) -> list[torch.Tensor]:
-    """Non-overlapping blocks of `block_size` tokens; a last shorter block is kept if it predicts anything."""
-    return [b for b in token_ids.split(block_size) if len(b) > 1]
+@dataclass(frozen=True)
+class EvaluateSettings:
+    split: str = "test"  # corpus blocks that become the cqil_heldout / cqil_cloze tasks
+    tasks: list = field(default_factory=lambda: ["cqil_heldout", "cqil_cloze"])  # also *_local tasks, or lm-eval's own
+    data_dir: str | None = None  # evaluation data in the layout of ../shared/data (for the *_local tasks)
+    limit: int | None = None  # documents per task (None: all)
+    batch_size: int = 8
+    cloze_choices: int = 4
 
-
-@torch.inference_mode()
-def perplexity(model, token_ids: torch.Tensor, block_size: int = 512, progress: bool = True) -> dict:
-    """exp(mean next-token negative log-likelihood) over the blocks of a 1-D tensor of token ids.
-
-    Each block is scored on its own (no context carried over), as in the usual strided evaluation
-    with stride = block size.
-    """
-    device = next(model.parameters()).device
-    total = {}
-    for block in tqdm(blocks(token_ids, block_size), desc="perplexity", unit="block", disable=not progress):
-        ids = block[None].to(device)  # (1, T)
-        total = add_sums(total, token_sums(log_probs(model(input_ids=ids).logits), ids))
-    if not total:
-        raise ValueError("perplexity: the text has fewer than 2 tokens")
-    return summarize(total)
-
-
-def log_probs(logits: torch.Tensor) -> torch.Tensor:
-    """Next-token log-probabilities, at least float32: (B, T, V) -> (B, T-1, V); row t predicts token t+1."""
-    return F.log_softmax(logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-
-
-def token_sums(logp: torch.Tensor, input_ids: torch.Tensor, reference: torch.Tensor | None = None) -> dict:
-    """Sums over the predicted positions of a batch: NLL of the next token and, against the original
-    model's log-probabilities `reference`, KL(original || model) and top-1 agreement.
-
-    logp, reference: (B, T-1, V) from `log_probs`; input_ids: (B, T).
-    """
-    sums = {"nll": -logp.gather(-1, input_ids[:, 1:, None]).sum().item(), "tokens": logp.shape[0] * logp.shape[1]}
-    if reference is not None:
-        sums["kl"] = F.kl_div(logp, reference, log_target=True, reduction="sum").item()  # sum p_ref (log p_ref - log p)
-        sums["top1"] = (logp.argmax(-1) == reference.argmax(-1)).sum().item()
-    return sums
-
-
-def add_sums(total: dict, sums: dict) -> dict:
-    return {key: total.get(key, 0) + value for key, value in sums.items()}
-
-
-def summarize(sums: dict) -> dict:
-    """Perplexity, mean KL(original || model) in nats per token, and top-1 agreement with the original."""
-    n = sums["tokens"]
-    out = {"perplexity": math.exp(sums["nll"] / n), "nll": sums["nll"] / n, "tokens": n}
-    if "kl" in sums:
-        out |= {"kl": sums["kl"] / n, "top1": sums["top1"] / n}
-    return out
+    def __post_init__(self):  # checked before any model loads, and by check_config before any job
+        if self.data_dir is not None and not Path(self.data_dir).is_dir():
+            raise CqilError(f"evaluate.data_dir: {self.data_dir!r} is not a directory")
+        if self.data_dir is None and (local := [t for t in self.tasks if t.endswith("_local")]):
+            raise CqilError(f"evaluate.tasks: {', '.join(local)}: local tasks need evaluate.data_dir "
+                            f"(the layout of ../shared/data)")
 
 
 TASKS = Path(__file__).parent / "tasks"
@@ -98,9 +73,6 @@ def build_corpus_tasks(blocks: torch.Tensor, tokenizer, out_dir, choices: int = 
     heldout.jsonl (each block's text, for rolling perplexity) and cloze.jsonl (each block's first half,
     its true second half and `choices - 1` second halves of other blocks, in a seeded order; at most as
     many choices as there are blocks)."""
-    import json
-    import random
-
     rng = random.Random(seed)
     choices = min(choices, len(blocks))  # a tiny test split cannot offer more distractors than it has blocks
     half = blocks.shape[1] // 2
@@ -136,3 +108,53 @@ def lm_eval_tasks(model, tokenizer, tasks: list[str], include_path, limit: int |
                           bootstrap_iters=1000, random_seed=0, numpy_random_seed=0, torch_random_seed=0)
     return {task: {key.replace(",none", ""): value for key, value in metrics.items() if key != "alias"}
             for task, metrics in out["results"].items()}
+
+
+def run_evaluate(settings: EvaluateSettings, *, model: str, corpus, out, dtype: str = "auto", plan: Plan | None = None,
+                 adapter=None) -> None:
+    """The stage: lm-eval tasks on the original, a plan (zero-shot) or a plan with its adapter (fine-tuned), as JSON."""
+    if adapter and not plan:
+        raise CqilError("--adapter needs --plan: adapters are trained for a plan")
+    blocks = load_split(corpus, settings.split)
+    loaded, tokenizer = load_model(model, plan=plan, dtype=dtype)
+    if adapter:
+        from peft import PeftModel
+
+        loaded = PeftModel.from_pretrained(loaded, adapter).merge_and_unload()  # the plan stays applied
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus_tasks = build_corpus_tasks(blocks, tokenizer, Path(tmp) / "corpus", choices=settings.cloze_choices)
+        include = render_tasks(Path(tmp) / "tasks", data_dir=settings.data_dir, corpus_tasks=corpus_tasks)
+        results = lm_eval_tasks(loaded, tokenizer, settings.tasks, include, limit=settings.limit,
+                                batch_size=settings.batch_size)
+    stage = "finetuned" if adapter else "zeroshot" if plan else "original"
+    write_json(out, {"plan": str(plan) if plan else "original", "stage": stage, "results": results,
+                     "provenance": provenance({"model": model, "dtype": dtype, "adapter": adapter,
+                                               "settings": asdict(settings)}, plan)})
+
+
+def run_quality(inputs, *, out, scores=(), finetune=()) -> None:
+    """The stage: the quality table of the original and each plan, zero-shot and fine-tuned, as a long CSV and a
+    Markdown table beside it (a row per plan and stage). It holds lm-eval's metrics per task (`cqil evaluate`
+    files) and the held-out perplexity, KL and top-1 agreement (`cqil score` and `cqil finetune` files)."""
+
+    def rows_of(plan, stage, task, metrics, names):
+        return [{"plan": plan, "stage": stage, "task": task, "metric": name, "value": metrics[name],
+                 "stderr": metrics.get(f"{name}_stderr")} for name in names if name in metrics]
+
+    rows = []
+    for i, path in enumerate(scores):
+        record = json.loads(Path(path).read_text())
+        rows += rows_of("original", "original", "heldout", record["original"], HELDOUT_METRICS) if i == 0 else []
+        rows += rows_of(record["plan"]["plan"], "zeroshot", "heldout", record["plan"], HELDOUT_METRICS)
+    for path in finetune:
+        record = json.loads(Path(path).read_text())
+        rows += rows_of(record["plan"], "finetuned", "heldout", record["heldout_after"] or {}, HELDOUT_METRICS)
+    for path in inputs:
+        record = json.loads(Path(path).read_text())
+        for task, metrics in record["results"].items():
+            rows += rows_of(record["plan"], record["stage"], task, metrics, QUALITY_METRICS)
+    long = pd.DataFrame(rows)
+    write_csv(out, long)
+    table = long.assign(column=long.task + " " + long.metric).pivot_table(
+        index=["plan", "stage"], columns="column", values="value", sort=False)
+    write_markdown(Path(out).with_suffix(".md"), table.reset_index())

@@ -1,6 +1,8 @@
 """LoRA + knowledge distillation: teach a CQIL model to match the original (the official recipe).
 
     summary = finetune(model, plan, train_blocks, FinetuneSettings(steps=60), out_dir, eval_blocks)
+    run_finetune(FinetuneSettings(), model="smollm2-135m", plan=plan, corpus="corpus.pt", out_dir=out_dir,
+                 summary="finetune.json")  # the stage: reads the corpus file, writes the adapter and the summary
 
 Student: the model + LoRA adapters (peft) + the plan. Teacher: the same weights with the adapters
 disabled and the plan removed, so one model sits in memory and each batch costs two forwards, as in
@@ -26,6 +28,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
@@ -34,23 +37,25 @@ from peft import LoraConfig, get_peft_model
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from .concurrent import apply_plan, planned
-from .evaluate import add_sums, log_probs, summarize, token_sums
-from .io import atomic
-from .models import decoder_layers
+from .data import load_split
+from .errors import CqilError
+from .io import atomic, provenance, write_csv, write_json
+from .layers import decoder_layers
+from .metrics import add_sums, log_probs, summarize, token_sums
+from .models import load_model
 from .plan import Plan
+from .report import loss_figure
+from .transform import apply_plan, planned
 
 LOSSES = ("kd", "lm", "kd+lm")
 KD_REDUCTIONS = ("token", "official")
 ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-class FinetuneError(ValueError):
-    """Fine-tuning settings that cannot run; the message is one line."""
-
-
-@dataclass
+@dataclass(frozen=True)
 class FinetuneSettings:
+    split: str = "finetune"  # corpus blocks to train on
+    eval_split: str = "test"  # held-out blocks: KL to the original before and after
     steps: int = 60  # optimizer steps
     batch_size: int = 4  # blocks per micro-batch (over all ranks)
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -69,18 +74,18 @@ class FinetuneSettings:
     lora_layers: str = "all"  # all (official) | grouped: only the layers inside [S, E)
     target_modules: list = field(default_factory=lambda: list(ALL_TARGETS))
     seed: int = 42
-    save_every: int = 20  # steps between resumable checkpoints
+    save_every: int = 10  # steps between resumable checkpoints
     mixed_precision: str = "auto"  # auto: bf16 on a GPU that has it, else none | no | bf16 | fp16
 
     def __post_init__(self):
         if self.loss not in LOSSES:
-            raise FinetuneError(f"finetune loss={self.loss!r}: allowed are {', '.join(LOSSES)}")
+            raise CqilError(f"finetune.loss: {self.loss!r} is not one of {', '.join(LOSSES)}")
         if self.kd_reduction not in KD_REDUCTIONS:
-            raise FinetuneError(f"finetune kd_reduction={self.kd_reduction!r}: allowed are {', '.join(KD_REDUCTIONS)}")
+            raise CqilError(f"finetune.kd_reduction: {self.kd_reduction!r} is not one of {', '.join(KD_REDUCTIONS)}")
         if self.lora_layers not in ("all", "grouped"):
-            raise FinetuneError(f"finetune lora_layers={self.lora_layers!r}: allowed are all, grouped")
+            raise CqilError(f"finetune.lora_layers: {self.lora_layers!r} is not one of all, grouped")
         if min(self.steps, self.batch_size, self.grad_accum, self.save_every) < 1:
-            raise FinetuneError("finetune steps, batch_size, grad_accum and save_every must be >= 1")
+            raise CqilError("finetune: steps, batch_size, grad_accum and save_every must be >= 1")
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float, reduction: str) -> torch.Tensor:
@@ -249,3 +254,29 @@ def _save_adapter(student, target: Path) -> None:
     student.save_pretrained(staged)
     shutil.rmtree(target, ignore_errors=True)
     os.replace(staged, target)
+
+
+def run_finetune(settings: FinetuneSettings, *, model: str, plan: Plan, corpus, out_dir, summary, dtype: str = "auto",
+                 figure=None) -> None:
+    """The stage: fine-tune `plan`'s adapters (resuming from `out_dir`'s checkpoint), write the summary JSON
+    and, with `figure`, the loss curve."""
+    import pandas as pd
+
+    from .report import loss_figure
+
+    blocks, held_out = load_split(corpus, settings.split), load_split(corpus, settings.eval_split)
+    found = finetune(load_model(model, dtype=dtype)[0], plan, blocks, settings, out_dir, eval_blocks=held_out)
+    write_json(summary, found | {"provenance": provenance({"model": model, "dtype": dtype, "settings": asdict(settings)},
+                                                          plan)})
+    if figure:
+        loss_figure(pd.read_csv(Path(out_dir) / "losses.csv"), f"{plan}: fine-tuning", figure)
+
+
+def run_finetuned_table(inputs, *, out) -> None:
+    """The stage: the `cqil finetune` summaries as one CSV (`finetuned.csv`), each plan's losses and held-out
+    quality before and after fine-tuning."""
+    records = [json.loads(Path(path).read_text()) for path in inputs]
+    write_csv(out, pd.DataFrame([
+        {"plan": r["plan"], "steps": r["steps"], "first_loss": r["first_loss"], "last_loss": r["last_loss"],
+         **{f"{key}_{when}": (r[f"heldout_{when}"] or {}).get(key) for when in ("before", "after")
+            for key in ("perplexity", "kl", "top1")}} for r in records]))

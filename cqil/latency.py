@@ -1,6 +1,7 @@
-"""Latency of the original model (1 rank), CQIL (P ranks) and tensor parallelism (P ranks).
+"""Latency of the original model (1 rank), CQIL (P ranks) and tensor parallelism (n ranks).
 
     cqil latency --model smollm2-135m --engine cqil --plan S12-E28-P2-D0 --out cqil.json
+    cqil latency-table cqil.json original.json --out latency.csv --figure latency
 
 One repeat is a greedy generation: a prefill of the prompt (logits of its last position only, as
 `generate()` does), then `new_tokens` decode steps with the KV cache. Warm-up repeats are dropped;
@@ -8,7 +9,7 @@ each record holds the median, p10 and p90 over the repeats, on rank 0's clock af
 On CPU each rank of a multi-rank engine is bound to its own cores (`runtime.pin`).
 In the same run a check compares the engine's logits with a single-process reference under teacher
 forcing (both fed the reference's greedy tokens): cqil against the simulation of its plan
-(`concurrent.py`), tp against the original model. A padded batch exercises the masks.
+(`transform.py`), tp against the original model. A padded batch exercises the masks.
 
 The original engine also records where the time goes (per-layer time, the rest: embedding, final
 norm, head, sampling); the cqil engine records all-reduce time against message size. The simulator
@@ -18,20 +19,27 @@ is calibrated from these parts.
 from __future__ import annotations
 
 import copy
+import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from tqdm import tqdm
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
-from . import runtime, simulate
-from .concurrent import planned
-from .models import decoder_layers, load_model, with_cache
-from .plan import Plan
-
-ENGINES = ("original", "cqil", "tp")
+from . import runtime
+from .errors import EngineError
+from .io import provenance, write_csv, write_json, write_markdown
+from .layers import decoder_layers, with_cache
+from .models import DTYPES, load_config, load_model, random_config
+from .plan import ENGINES, Plan, Setup
+from .report import latency_figure
+from .runtime import cqil, tp
+from .transform import planned
 SHAPE = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
          "vocab_size")  # what the simulator needs to know of the model
 
@@ -39,11 +47,11 @@ SHAPE = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention
 @dataclass(frozen=True)
 class LatencySettings:
     prompt_lengths: list[int] = field(default_factory=lambda: [128, 512])
-    new_tokens: int = 32  # decode steps after each prefill
+    new_tokens: int = 16  # decode steps after each prefill
     batch_size: int = 1
-    warmup: int = 2  # repeats dropped before timing
+    warmup: int = 1  # repeats dropped before timing
     repeats: int = 5
-    baseline_threads: list[int] = field(default_factory=lambda: [1])  # CPU threads of the 1-rank original
+    baseline_threads: list[int] = field(default_factory=lambda: [1, 2])  # CPU threads of the 1-rank original
     threads_per_rank: int = 1  # CPU threads of each cqil / tp rank
     check_batch_size: int = 2  # the correctness check: a padded batch, teacher-forced decode steps
     check_length: int = 32
@@ -56,15 +64,21 @@ class LatencySettings:
     timeout: float = 300.0  # seconds a rank waits in a collective before the run fails
 
 
-def world_size(engine: str, plan: Plan | None, degree: int | None) -> int:
-    """Ranks an engine runs on."""
+def setup_of(engine: str, plan: Plan | None, degree: int | None) -> Setup:
+    """The setup the command line asks for (`--engine`, `--plan`, `--degree`), or a one-line error."""
     if engine not in ENGINES:
-        raise runtime.EngineError(f"engine {engine!r}: allowed are {', '.join(ENGINES)}")
+        raise EngineError(f"engine {engine!r}: allowed are {', '.join(ENGINES)}")
     if engine == "cqil" and plan is None:
-        raise runtime.EngineError("engine cqil needs a plan (--plan S12-E28-P2-D0)")
+        raise EngineError("engine cqil needs a plan (--plan S12-E28-P2-D0)")
     if engine == "tp" and not degree:
-        raise runtime.EngineError("engine tp needs a degree (--degree 2)")
-    return {"original": 1, "cqil": plan.size if plan else 1, "tp": degree or 1}[engine]
+        raise EngineError("engine tp needs a degree (--degree 2)")
+    return Setup(engine, plan if engine == "cqil" else None, degree if engine == "tp" else 1)
+
+
+def result_setup(result: dict, threads: int | None = None) -> Setup:
+    """The setup a `cqil latency` result timed; `threads` tells the original's thread counts apart."""
+    plan = Plan.parse(result["plan"]) if result["plan"] else None
+    return Setup(result["engine"], plan, result["degree"] or 1, threads if result["engine"] == "original" else None)
 
 
 def prompts(vocab: int, batch: int, length: int, seed: int, pad: int = 0):
@@ -215,76 +229,73 @@ def time_allreduce(ranks, settings: LatencySettings, hidden: int, dtype, sync) -
 CHECK_TOLERANCE = {"float64": (1e-8, 0.0), "float32": (1e-4, 0.0), "bfloat16": (0.0, 0.05), "float16": (0.0, 0.01)}
 
 
-def check_failure(check: dict, engine: str, plan: Plan | None, degree: int | None, dtype) -> str | None:
+def check_failure(check: dict, setup: Setup, dtype) -> str | None:
     """Why the check fails (logits beyond `CHECK_TOLERANCE` of the reference), in one line; None if it passes."""
     name = str(dtype).removeprefix("torch.")
     absolute, relative = CHECK_TOLERANCE[name]
     limit, diff = absolute + relative * check["reference_max_abs"], check["max_abs_diff"]
     if diff <= limit:  # NaN fails
         return None
-    what = f"plan {plan}" if plan else f"degree {degree}"
-    return (f"engine {engine}, {what}: check failed, max |logit difference| {diff:.3g} against the single-process "
+    what = f"plan {setup.plan}" if setup.plan else f"degree {setup.degree}"
+    return (f"engine {setup.engine}, {what}: check failed, max |logit difference| {diff:.3g} against the single-process "
             f"reference exceeds {limit:.3g} ({name}); no timing was written")
 
 
-def shard(model, engine: str, plan: Plan | None, degree: int | None, ranks, settings: LatencySettings):
-    """This rank's part of `engine`, and the check of its logits against the single-process reference."""
-    if engine == "original":
+def shard(model, setup: Setup, ranks, settings: LatencySettings):
+    """This rank's part of the setup's engine, and the check of its logits against the single-process reference."""
+    if setup.engine == "original":
         return model, None
-    if engine == "cqil":
-        from .runtime import cqil
-
-        with planned(model, plan):  # the single-process simulation of the same plan
+    if setup.engine == "cqil":
+        with planned(model, setup.plan):  # the single-process simulation of the same plan
             reference = reference_run(model, settings, ranks.device)
         effect = compare(model, reference)  # the original against the simulation: what the plan changes
-        model = cqil.shard(model, plan, ranks.rank, ranks.world, settings.placement)
+        model = cqil.shard(model, setup.plan, ranks.rank, ranks.world, settings.placement)
         effect = {f"plan_effect_{key}": effect[key] for key in ("max_abs_diff", "argmax_agreement")}
     else:
-        from .runtime import tp
-
         reference, effect = reference_run(model, settings, ranks.device), {}
-        model = tp.shard(model, degree, ranks.device.type)
+        model = tp.shard(model, setup.degree, ranks.device.type)
     return model, compare(model, reference) | effect
 
 
-def measure(spec: str, engine: str, settings: LatencySettings, plan: Plan | None = None, degree: int | None = None,
-            dtype: str = "auto", device: str = "auto") -> dict | None:
-    """Run one engine on this rank; rank 0 returns the result (records, check, parts), the others None."""
-    world = world_size(engine, plan, degree)
+def measure(spec: str, setup: Setup, settings: LatencySettings, dtype: str = "auto", device: str = "auto") -> dict | None:
+    """Run the setup's engine on this rank; rank 0 returns the result (records, check, parts), the others None."""
     ranks = runtime.init(settings.timeout, device)
-    if ranks.world != world:
-        raise runtime.EngineError(f"engine {engine}: needs {world} ranks, this run has {ranks.world}")
+    if ranks.world != setup.ranks:
+        raise EngineError(f"engine {setup.engine}: needs {setup.ranks} ranks, this run has {ranks.world}")
     cores = runtime.pin(ranks, settings.threads_per_rank)
     sync = torch.cuda.synchronize if ranks.device.type == "cuda" else lambda: None
     model, _ = load_model(spec, dtype=dtype)
     model.to(ranks.device)
-    interleaved = engine != "original" and settings.interleaved_baseline
+    original = setup.engine == "original"
+    interleaved = not original and settings.interleaved_baseline
     baseline = copy.deepcopy(model) if interleaved and ranks.rank == 0 else None
-    model, check = shard(model, engine, plan, degree, ranks, settings)
+    model, check = shard(model, setup, ranks, settings)
     # Rank 0's logits are the engine's (under rank-0 placement the only ones): its verdict stops every rank.
-    failure = check_failure(check, engine, plan, degree, model.dtype) if check and ranks.rank == 0 else None
+    failure = check_failure(check, setup, model.dtype) if check and ranks.rank == 0 else None
     if ranks.share(failure is not None):
         ranks.close()
-        raise runtime.EngineError(failure) if ranks.rank == 0 else SystemExit(2)  # rank 0 says why
+        raise EngineError(failure) if ranks.rank == 0 else SystemExit(2)  # rank 0 says why
 
-    threads = settings.baseline_threads if engine == "original" else [settings.threads_per_rank]
+    threads = settings.baseline_threads if original else [settings.threads_per_rank]
     records, parts = [], []
     total = len(threads) * len(settings.prompt_lengths) * (settings.warmup + settings.repeats)
-    with tqdm(total=total, desc=f"latency {engine}", disable=ranks.rank != 0) as progress:
+    with tqdm(total=total, desc=f"latency {setup.engine}", disable=ranks.rank != 0) as progress:
         for count in threads:
             if ranks.device.type == "cpu":
                 torch.set_num_threads(count)
             for length in settings.prompt_lengths:
                 found = time_generation(model, ranks, settings, length, sync, progress, baseline, interleaved)
                 records += [{"threads": count, **record} for record in found]
-                if engine == "original":
+                if original:
                     parts.append({"threads": count, **time_parts(model, settings, length, ranks.device, sync)})
-    allreduce = time_allreduce(ranks, settings, model.config.hidden_size, model.dtype, sync) if world > 1 else []
-    backend = torch.distributed.get_backend() if world > 1 else None
+    several = setup.ranks > 1
+    allreduce = time_allreduce(ranks, settings, model.config.hidden_size, model.dtype, sync) if several else []
+    backend = torch.distributed.get_backend() if several else None
     ranks.close()
     if ranks.rank != 0:
         return None
-    return {"model": spec, "engine": engine, "plan": str(plan) if plan else None, "degree": degree, "ranks": world,
+    return {"model": spec, "engine": setup.engine, "plan": str(setup.plan) if setup.plan else None,
+            "degree": setup.degree if setup.engine == "tp" else None, "ranks": setup.ranks,
             "device": ranks.device.type, "backend": backend, "rank0_cores": cores,  # None: not bound (runtime.pin)
             "dtype": str(model.dtype).removeprefix("torch."),
             "layers": model.config.num_hidden_layers, "shape": {key: getattr(model.config, key) for key in SHAPE},
@@ -292,31 +303,17 @@ def measure(spec: str, engine: str, settings: LatencySettings, plan: Plan | None
             "allreduce": allreduce}
 
 
-def setup(result: dict, threads: int) -> str:
-    """A readable name of what was timed: `original, 2 threads`, `cqil S12-E28-P2-D0`, `tp 2`."""
-    if result["engine"] == "original":
-        return f"original, {threads} thread{'s' if threads > 1 else ''}"
-    return simulate.setup_name(*simulate.layout(result))
-
-
-def ideal(result: dict, threads: int) -> float:
-    """The layers-only ideal reduction of `simulate.ideal`; the original on n threads counts as n-way split."""
-    plan, tp = simulate.layout(result)
-    return simulate.ideal(plan, threads if result["engine"] == "original" else tp, result["layers"])
-
-
 def table(results: list[dict]):
     """One row per setup, phase and prompt length, with the reduction against the 1-thread (1-rank) original:
     timed in the same run where the engine interleaved it (`baseline: same run`), else the original's own run."""
-    import pandas as pd
-
-    rows = [{"model": result["model"], "setup": setup(result, record["threads"]), "engine": result["engine"],
+    rows = [{"model": result["model"], "setup": str(setup), "engine": result["engine"],
              "ranks": result["ranks"], "threads": record["threads"], "phase": record["phase"], "tokens": record["tokens"],
              "batch_size": record["batch_size"], "median_ms": record["median_ms"], "p10_ms": record["p10_ms"],
              "p90_ms": record["p90_ms"], "baseline_ms": record.get("baseline_median_ms"),
              "baseline": "same run" if "baseline_median_ms" in record else "separate run",
-             "ideal": ideal(result, record["threads"]), "check_max_abs_diff": (result["check"] or {}).get("max_abs_diff")}
-            for result in results for record in result["records"]]
+             "ideal": setup.ideal(result["layers"]), "check_max_abs_diff": (result["check"] or {}).get("max_abs_diff")}
+            for result in results for record in result["records"]
+            for setup in [result_setup(result, record["threads"])]]
     frame = pd.DataFrame(rows)
     key = ["phase", "tokens", "batch_size"]
     own = frame[(frame.engine == "original") & (frame.threads == 1)].set_index(key)["median_ms"]
@@ -325,6 +322,36 @@ def table(results: list[dict]):
     frame["reduction"] = 1 - frame.median_ms / frame.baseline_ms
     frame["of_ideal"] = frame.reduction / frame.ideal.where(frame.ideal > 0)
     return frame
+
+
+def run_latency(settings: LatencySettings, *, model: str, engine: str, out, argv: list[str], plan: Plan | None = None,
+                degree: int | None = None, dtype: str = "auto", device: str = "auto") -> None:
+    """The stage: prefill and decode latency of one engine (original, cqil or tp), checked against a 1-process
+    reference in the same run. cqil and tp run on several ranks: outside torchrun this starts torchrun itself
+    (with `argv`, this command's own arguments)."""
+    setup = setup_of(engine, plan, degree)
+    config = load_config(model)  # refuse a bad plan or degree before any process starts
+    if setup.plan:
+        setup.plan.validate(config.num_hidden_layers)
+    if setup.engine == "tp":
+        tp.check_degree(config, setup.degree)
+    if setup.ranks > 1 and not runtime.under_torchrun():
+        return runtime.launch(["-m", "cqil", *argv], setup.ranks)
+    result = measure(model, setup, settings, dtype, device)
+    if result is not None:  # rank 0
+        write_json(out, {**result, "settings": asdict(settings), "provenance": provenance(
+            {"model": model, "engine": engine, "degree": degree, "dtype": dtype, "device": device,
+             "settings": asdict(settings)}, plan)})
+
+
+def run_latency_table(inputs, *, out, figure=None, title: str = "") -> None:
+    """The stage: the latency table (CSV, and Markdown beside it) and figure from `cqil latency` files of one model."""
+    results = [json.loads(Path(path).read_text()) for path in inputs]
+    frame = table(results)
+    write_csv(out, frame)
+    write_markdown(Path(out).with_suffix(".md"), frame.drop(columns=["model"]))
+    if figure:
+        latency_figure(frame, results, title, figure)
 
 
 # --- One decoder layer of a named shape (the GPU script: scripts/gpu_checks.sh) ----------------------
@@ -357,13 +384,8 @@ def layer_latency(shape: str, lengths: list[int], context: int, dtype: str = "bf
                   graphs: bool = False, warmup: int = 5, repeats: int = 20) -> list[dict]:
     """Prefill of T tokens and one decode step over a `context`-token static KV cache, for one decoder
     layer of `random:<shape>` with random weights: the per-layer time the simulator scales from."""
-    from transformers import StaticCache
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
-
-    from .models import DTYPES, random_config
-
     if graphs and not str(device).startswith("cuda"):
-        raise runtime.EngineError(f"--graphs needs a CUDA device, got {device!r}")
+        raise EngineError(f"--graphs needs a CUDA device, got {device!r}")
     config = random_config(f"random:{shape}")
     config.num_hidden_layers, config._attn_implementation = 1, "sdpa"  # one layer: a 33B shape fits any GPU
     torch.manual_seed(0)
@@ -389,3 +411,18 @@ def layer_latency(shape: str, lengths: list[int], context: int, dtype: str = "bf
     weights = sum(p.numel() * p.element_size() for p in layer.parameters())
     return [{"shape": shape, "dtype": dtype, "device": str(device), "graphs": graphs, "layer_bytes": weights,
              "batch_size": 1, **record} for record in records]
+
+
+def run_layer_latency(*, out, shapes=("llama-7b", "llama-13b", "llama-33b"), lengths=(128, 512, 2048), context: int = 2048,
+                      dtype: str = "bfloat16", device: str = "cuda", modes=("eager", "graphs"), warmup: int = 5,
+                      repeats: int = 20) -> None:
+    """The stage: per-layer prefill and decode latency of named LLaMA shapes with random weights (eager, CUDA
+    graphs), as JSON records and a Markdown table on stdout (the GPU script, scripts/gpu_checks.sh)."""
+    records = [record for shape in shapes for mode in modes
+               for record in layer_latency(shape, lengths, context, dtype, device, graphs=mode == "graphs",
+                                           warmup=warmup, repeats=repeats)]
+    write_json(out, {"records": records, "provenance": provenance(
+        {"shapes": shapes, "lengths": lengths, "context": context, "dtype": dtype, "device": device, "modes": modes,
+         "warmup": warmup, "repeats": repeats})})
+    columns = ["shape", "graphs", "phase", "tokens", "median_ms", "p10_ms", "p90_ms"]
+    print(pd.DataFrame(records)[columns].to_markdown(index=False, floatfmt=".4g"))

@@ -14,7 +14,6 @@ under a second.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import os
 import re
 import subprocess
@@ -27,19 +26,15 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+from .errors import ModelError
+from .io import provenance, write_json
+from .layers import FAMILIES
 from .plan import Plan
+from .transform import apply_plan, stored_plan
 
-# Families whose decoder layers follow the transformers 5 layer API that `concurrent.py` relies on:
-# `model.model.layers[i]` with `input_layernorm`, `self_attn`, `post_attention_layernorm`, `mlp`.
-FAMILIES = ("llama", "mistral", "qwen2")
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16,
           "float16": torch.float16, "float64": torch.float64}
-
-
-class ModelError(ValueError):
-    """A model spec that cannot be loaded; the message is one line."""
 
 
 @dataclass(frozen=True)
@@ -183,8 +178,6 @@ def load_model(spec: str, plan: Plan | None = None, dtype: str = "auto"):
     The family and the plan are checked against the config before any weight is read. A
     `random:<shape>` spec gives seeded random weights (float32 unless `dtype` says) and no tokenizer.
     """
-    from .concurrent import apply_plan, stored_plan
-
     if dtype not in DTYPES:
         raise ModelError(f"dtype {dtype!r}: allowed are {', '.join(DTYPES)}")
     config = load_config(spec)
@@ -203,23 +196,8 @@ def load_model(spec: str, plan: Plan | None = None, dtype: str = "auto"):
     return model, load_tokenizer(spec)
 
 
-def causal_lm(model):
-    """The transformers `*ForCausalLM` of a supported model, also inside a peft wrapper."""
-    if hasattr(model, "get_base_model"):  # peft.PeftModel
-        model = model.get_base_model()
-    if model.config.model_type not in FAMILIES:
-        raise ModelError(f"family {model.config.model_type!r} is not supported; supported families are {', '.join(FAMILIES)}")
-    return model
-
-
-def decoder_layers(model) -> torch.nn.ModuleList:
-    return causal_lm(model).model.layers
-
-
 def describe(spec: str) -> dict:
     """Layers, parameters, family and dtype of a model, from its config alone (weights on the meta device)."""
-    from .concurrent import stored_plan
-
     config = load_config(spec)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
@@ -238,59 +216,10 @@ def describe(spec: str) -> dict:
     }
 
 
-# --- The KV cache keyword ------------------------------------------------------------------------------
-# transformers 5.24 renamed the keyword that hands a KV cache to a model, a decoder layer or a mask
-# function from `past_key_values` to `cache` (the old name still works with a FutureWarning until
-# 5.40); model outputs renamed the field too. Every place that passes or reads a cache goes through
-# this one name, so the code runs on both sides of the rename without a warning.
-CACHE = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
-
-
-def with_cache(cache) -> dict:
-    """The keyword argument that hands `cache` (a transformers Cache, or None) to a model, layer or mask."""
-    return {CACHE: cache}
-
-
-# --- Running the decoder layer by layer -------------------------------------------------------------
-# The analysis and the plan search start the stack in the middle (from a cached layer input), so they
-# call the layers themselves. These three functions reproduce the model's own uncached forward exactly
-# (tests/test_models.py checks logits for equality), including a plan applied with `apply_plan`.
-
-def _layer_types(config) -> list[str]:
-    """Attention type of every layer: qwen2 lists them; mistral slides everywhere when a window is set."""
-    if getattr(config, "layer_types", None):
-        return list(config.layer_types)
-    sliding = getattr(config, "sliding_window", None) is not None
-    return ["sliding_attention" if sliding else "full_attention"] * config.num_hidden_layers
-
-
-def decoder_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
-    """Token embeddings (B, T, C) and, for each decoder layer, its keyword arguments (mask, rotary)."""
-    inner = causal_lm(model).model
-    hidden = inner.embed_tokens(input_ids)
-    if attention_mask is None:
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
-    else:  # left padding: positions count real tokens only, as generate() does
-        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    mask_args = dict(config=model.config, inputs_embeds=hidden, attention_mask=attention_mask,
-                     position_ids=positions, **with_cache(None))
-    types = _layer_types(model.config)
-    masks = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
-    masks = {kind: masks[kind](**mask_args) for kind in set(types)}
-    rotary = inner.rotary_emb(hidden, position_ids=positions)
-    return hidden, [dict(attention_mask=masks[kind], position_embeddings=rotary, position_ids=positions)
-                    for kind in types]
-
-
-def run_layers(model, hidden: torch.Tensor, layer_kwargs: list[dict], layers: range) -> torch.Tensor:
-    """Run decoder layers `layers` (in order) on `hidden` (B, T, C): the input of layer layers.start."""
-    stack = decoder_layers(model)
-    for i in layers:
-        hidden = stack[i](hidden, **layer_kwargs[i])
-    return hidden
-
-
-def lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
-    """Final norm and LM head on the output of the last layer: (B, T, C) -> (B, T, V)."""
-    base = causal_lm(model)
-    return base.lm_head(base.model.norm(hidden))
+def run_prepare(*, model: str, out, layers: int | None = None) -> None:
+    """The stage: make a model available offline (the embedded one is downloaded and converted here, once),
+    check its layer count against the config, and write what `describe` says of it."""
+    info = describe(model)
+    if layers is not None and info["layers"] != layers:
+        raise ModelError(f"--layers {layers}: model {model!r} has {info['layers']} layers")
+    write_json(out, info | {"provenance": provenance({"model": model, "layers": layers})})

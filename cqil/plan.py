@@ -1,4 +1,4 @@
-"""A CQIL plan: which adjacent decoder layers share one input.
+"""What to run: a CQIL plan (which adjacent decoder layers share one input), and a latency setup.
 
 `Plan(start=12, end=30, size=2, bypass=0)` is written `S12-E30-P2-D0`: layers [S, E) (0-indexed, end
 exclusive) form consecutive groups of P layers; the layers of a group all read the group's input and
@@ -9,6 +9,11 @@ layer's MLP input ("bypassing"), in the paper's form or the official code's form
     official: delta_k = A_k + B_k + MLP_k(norm(x + A_k + B_k))      (B_k counted in the residual too)
 
 The name is also the artifact path component; the official mode appends `-official`.
+
+`Setup(engine, plan, degree, threads)` is what a latency run times: the original on one rank, CQIL on
+the plan's P ranks, tensor parallelism on `degree` ranks (in the simulator, CQIL x TP). `setup.name`
+is its path component (`cqil-S12-E28-P2-D0`), `str(setup)` its label in tables (`cqil S12-E28-P2-D0`);
+`Setup.parse` reads either.
 """
 
 from __future__ import annotations
@@ -17,12 +22,11 @@ import itertools
 import re
 from dataclasses import dataclass
 
+from .errors import PlanError
+
 BYPASS_MODES = ("paper", "official")
 _NAME = re.compile(r"S(\d+)-E(\d+)-P(\d+)-D(\d+)(?:-(paper|official))?")
-
-
-class PlanError(ValueError):
-    """A plan that cannot be applied; the message is one line naming the field."""
+ENGINES = ("original", "cqil", "tp")
 
 
 @dataclass(frozen=True, order=True)
@@ -120,3 +124,67 @@ class Plan:
             if p > 1 and 0 <= s < e <= num_layers and (e - s) % p == 0 and d < p:
                 plans.add(cls(s, e, p, d, mode))
         return sorted(plans)
+
+
+PLAN_NAME = r"S\d+-E\d+-P\d+-D\d+(?:-official)?"  # as written in paths (`-paper` is the default, left out)
+_SETUP = re.compile(  # a path component (`cqil-S12-E28-P2-D0`, `tp-2`) or a table label (`cqil S12-E28-P2-D0 x tp 2`)
+    rf"(?P<engine>original)(?:, (?P<threads>\d+) threads?)?|(?P<cqil>cqil)[- ](?P<plan>{PLAN_NAME})(?:(?: x |-x-)tp[- ](?P<split>\d+))?"
+    rf"|(?P<tp>tp)[- ](?P<degree>\d+)")
+SETUP_NAME = rf"original|cqil-{PLAN_NAME}|tp-\d+"  # the path components a latency job writes (a wildcard constraint)
+
+
+@dataclass(frozen=True)
+class Setup:
+    engine: str  # original | cqil | tp
+    plan: Plan | None = None  # cqil: the plan, on its P ranks
+    degree: int = 1  # tp: ranks each layer is split over (with a plan: CQIL x TP, simulated only)
+    threads: int | None = None  # CPU threads of the original, where a table tells them apart
+
+    def __post_init__(self):
+        if self.engine not in ENGINES:
+            raise PlanError(f"setup engine {self.engine!r}: allowed are {', '.join(ENGINES)}")
+        if (self.engine == "cqil") != (self.plan is not None):
+            raise PlanError(f"setup {self.engine}: {'needs a plan' if self.engine == 'cqil' else 'takes no plan'}")
+        if self.degree < 1 or (self.engine == "tp") != (self.degree > 1) and self.engine != "cqil":
+            raise PlanError(f"setup {self.engine}: degree {self.degree} (tp needs 2 or more, the original none)")
+
+    @classmethod
+    def of(cls, plan: Plan | None = None, degree: int = 1, threads: int | None = None) -> Setup:
+        """The setup that runs `plan` (if any) with each layer split `degree` ways."""
+        return cls("cqil" if plan else "tp" if degree > 1 else "original", plan, degree, threads)
+
+    @property
+    def ranks(self) -> int:
+        return (self.plan.size if self.plan else 1) * self.degree
+
+    @property
+    def name(self) -> str:
+        """The path component of the setup's latency record: `original`, `cqil-S12-E28-P2-D0`, `tp-2`."""
+        if self.engine == "original":
+            return "original"
+        return f"cqil-{self.plan}" + (f"-x-tp-{self.degree}" if self.degree > 1 else "") if self.plan else f"tp-{self.degree}"
+
+    def __str__(self) -> str:
+        """The label in tables: `original, 2 threads` (or `original` where threads do not matter), `cqil S12-E28-P2-D0`,
+        `tp 2`, `cqil S12-E28-P2-D0 x tp 2`."""
+        if self.engine == "original":
+            return "original" + (f", {self.threads} thread{'s' if self.threads > 1 else ''}" if self.threads else "")
+        return f"cqil {self.plan}" + (f" x tp {self.degree}" if self.degree > 1 else "") if self.plan else f"tp {self.degree}"
+
+    @classmethod
+    def parse(cls, text: str) -> Setup:
+        match = _SETUP.fullmatch(text.strip())
+        if not match:
+            raise PlanError(f"setup {text!r}: expected original, cqil-<plan> or tp-<n> (or a table label: "
+                            f"'original, 2 threads', 'cqil <plan>', 'tp <n>')")
+        if match["engine"]:
+            return cls("original", threads=int(match["threads"]) if match["threads"] else None)
+        if match["cqil"]:
+            return cls("cqil", Plan.parse(match["plan"]), int(match["split"] or 1))
+        return cls("tp", degree=int(match["degree"]))
+
+    def ideal(self, num_layers: int) -> float:
+        """Layers-only ideal reduction: (E-S)(1-1/P)/L for CQIL, 1-1/n for TP, both for CQIL x TP; the original on
+        n threads counts as an n-way split."""
+        split = self.threads or 1 if self.engine == "original" else self.degree
+        return 1 - (1 - (self.plan.ideal_reduction(num_layers) if self.plan else 0.0)) / split

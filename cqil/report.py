@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import matplotlib
@@ -16,7 +17,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from .io import save_figure
+from .errors import CqilError
+from .io import atomic, save_figure, write_csv, write_markdown
+from .plan import Setup
 
 MARKERS = {2: "o", 3: "s", 4: "^", 5: "D", 6: "v", 8: "P"}
 
@@ -151,7 +154,9 @@ def latency_figure(frame: pd.DataFrame, results: list[dict], title: str, path) -
 def simulation_figures(predicted: pd.DataFrame, checked: pd.DataFrame, swept: pd.DataFrame, out) -> None:
     """Predicted CQIL reduction against P per model and hardware; CQIL vs TP vs CQIL x TP as the all-reduce
     slows down; predictions against this machine's measurements."""
-    decode = predicted[(predicted.phase == "decode") & predicted.setup.str.match(r"cqil S\d+-E\d+-P\d+-D0$")]
+    setups = predicted.setup.map(Setup.parse)
+    plain_d0 = setups.map(lambda setup: setup.engine == "cqil" and setup.degree == 1 and setup.plan.bypass == 0)
+    decode = predicted[(predicted.phase == "decode") & plain_d0]
     hardware = list(dict.fromkeys(decode.hardware))
     fig, axes = plt.subplots(1, len(hardware), figsize=(3.6 * len(hardware), 3.6), sharey=True, squeeze=False)
     for ax, hw in zip(axes[0], hardware):
@@ -172,7 +177,7 @@ def simulation_figures(predicted: pd.DataFrame, checked: pd.DataFrame, swept: pd
         for setup, line in part.groupby("setup", sort=False):
             gpus = line.ranks.iloc[0]
             ax.plot(line.allreduce_us, line.ms, label=f"{setup} ({gpus} GPU{'s' if gpus > 1 else ''})",
-                    linestyle="dashed" if setup.startswith("tp") else "solid")
+                    linestyle="dashed" if Setup.parse(setup).engine == "tp" else "solid")
         ax.set(xscale="log", xlabel="small all-reduce latency (us)",
                title=f"{swept['shape'].iloc[0]}, {'up to 4' if small else '8'} GPUs, {swept.hardware.iloc[0]}")
         ax.legend(fontsize=7)
@@ -233,14 +238,13 @@ def latency_summary(measured: list[pd.DataFrame], predicted: pd.DataFrame | None
     if not rows:
         return pd.DataFrame(columns=columns)
     table = pd.concat(rows, ignore_index=True)
-    table = table[~table.setup.str.startswith("original, 2")]  # the thread-scaling rows stay in latency.csv
-    return table[columns]
+    setups = table.setup.map(Setup.parse)
+    thread_scaling = setups.map(lambda setup: setup.engine == "original" and setup.threads not in (None, 1))
+    return table[~thread_scaling][columns]  # the original's other thread counts stay in latency.csv
 
 
 def write_table(frame: pd.DataFrame, path) -> None:
     """`path`.csv, .md and .tex."""
-    from .io import atomic, write_csv, write_markdown
-
     path = Path(path)
     write_csv(path.with_suffix(".csv"), frame)
     write_markdown(path.with_suffix(".md"), frame)
@@ -262,3 +266,31 @@ def trend_figures(frame: pd.DataFrame, out) -> list[str]:
         save_figure(fig, Path(out) / f"trend_{kind}")
         names.append(f"trend_{kind}")
     return names
+
+
+# --- Stages -------------------------------------------------------------------------------------------
+
+def run_figures(*, similarity, sensitivity, search, selected, out_dir, title: str = "") -> None:
+    """The stage: similarity, sensitivity and search-frontier figures (PNG + PDF) from the stage tables."""
+    out, frame = Path(out_dir), pd.read_csv(similarity)
+    similarity_heatmap(frame, f"{title}: layer-input similarity", out / "similarity_heatmap")
+    similarity_curve(frame, f"{title}: adjacent layers", out / "similarity_adjacent")
+    sensitivity_figure(pd.read_csv(sensitivity), f"{title}: sensitivity to an earlier input", out / "sensitivity")
+    chosen = json.loads(Path(selected).read_text())
+    frontier_figure(pd.read_csv(search), chosen["plans"], f"{title}: plan search", out / "frontier",
+                    metric=chosen["rule"]["metric"])
+
+
+def run_tables(*, quality: list[str], out_dir, latency=(), predictions=None) -> None:
+    """The stage: the paper's tables (quality with the official numbers beside ours; latency measured and
+    predicted), each as CSV, Markdown and LaTeX. `quality`: MODEL=PATH of each model's quality.csv."""
+    frames = []
+    for item in quality:
+        model, _, path = item.partition("=")
+        if not path:
+            raise CqilError(f"--quality {item!r}: expected MODEL=PATH")
+        frames.append(quality_table(pd.read_csv(path), model))
+    out = Path(out_dir)
+    write_table(pd.concat(frames, ignore_index=True), out / "quality")
+    predicted = pd.read_csv(predictions) if predictions else None
+    write_table(latency_summary([pd.read_csv(path) for path in latency], predicted), out / "latency")

@@ -3,6 +3,9 @@
     rows = score_plans(model, blocks, plans)      # perplexity, KL(original || plan), top-1 agreement
     chosen = select(rows, SelectSettings(metric="kl", per_size=1, min_reduction=0.2))
 
+Stages: `run_search` (the grid on the search blocks), `run_select` (the plans carried forward),
+`run_score` (one selected plan on the test blocks, which the search never saw).
+
 Reuse: the layers before S compute the same thing for every plan that starts at S, so each batch
 runs the original model once, keeps the input of every start layer, and each plan runs only its
 layers [S, L) and the head from there. `reuse_prefix=False` scores every plan from the embeddings,
@@ -11,28 +14,37 @@ for the benchmark that measures what the reuse saves.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
+import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
 from .analysis import layer_inputs
-from .concurrent import apply_plan, planned
-from .evaluate import add_sums, log_probs, summarize, token_sums
-from .models import decoder_inputs, decoder_layers, lm_logits, run_layers
+from .data import load_split
+from .errors import CqilError
+from .io import provenance, write_csv, write_json
+from .layers import decoder_inputs, decoder_layers, lm_logits, run_layers
+from .metrics import add_sums, log_probs, summarize, token_sums
+from .models import load_config, load_model
 from .plan import Plan
+from .transform import apply_plan, planned
 
 METRICS = {"kl": "min", "perplexity": "min", "top1": "max"}  # what "better" means for each metric
 
 
-@dataclass
+@dataclass(frozen=True)
 class SearchSettings:
-    starts: list = field(default_factory=lambda: list(range(8, 22, 2)))  # S values of the grid
+    split: str = "search"  # corpus blocks the plans are scored on
+    starts: list = field(default_factory=lambda: [8, 10, 12, 14, 16, 18, 20])  # S values of the grid
     ends: list = field(default_factory=lambda: [26, 28])  # E values (exclusive)
     sizes: list = field(default_factory=lambda: [2, 3, 4])  # P values
     bypasses: list = field(default_factory=lambda: [0, 1])  # D values
     modes: list = field(default_factory=lambda: ["paper"])  # bypass modes for D >= 1
-    include: list = field(default_factory=list)  # extra plans by name, scored whatever the grid
+    include: list = field(default_factory=lambda: ["S18-E28-P2-D0"])  # extra plans by name, scored whatever the grid
     batch_size: int = 4  # blocks per forward
 
     def plans(self, num_layers: int) -> list[Plan]:
@@ -41,13 +53,23 @@ class SearchSettings:
         return sorted(set(grid + extra))
 
 
-@dataclass
+@dataclass(frozen=True)
 class SelectSettings:
     metric: str = "kl"  # kl | perplexity | top1: ranks the plans of each P
     per_size: int = 1  # plans kept for each P
     min_reduction: float = 0.2  # only plans whose ideal latency reduction is at least this
     bypasses: list = field(default_factory=lambda: [0])  # D values eligible (the official README advises D=0)
     always: list = field(default_factory=list)  # plans selected whatever their score (e.g. the paper's)
+
+    def __post_init__(self):
+        if self.metric not in METRICS:
+            raise CqilError(f"select.metric: {self.metric!r} is not one of {', '.join(METRICS)}")
+
+
+@dataclass(frozen=True)
+class ScoreSettings:
+    split: str = "test"  # blocks the search never saw
+    batch_size: int = 4
 
 
 @torch.inference_mode()
@@ -99,8 +121,6 @@ def plan_row(plan: Plan | None, num_layers: int) -> dict:
 def select(rows: list[dict], settings: SelectSettings) -> list[str]:
     """The plans to carry forward: for each P, the `per_size` best by `metric` among the plans with
     an ideal reduction of at least `min_reduction` and an eligible D; then the `always` plans."""
-    if settings.metric not in METRICS:
-        raise ValueError(f"select metric={settings.metric!r}: allowed are {', '.join(METRICS)}")
     sign = 1 if METRICS[settings.metric] == "min" else -1
     eligible = [r for r in rows if r["plan"] != "original" and r["bypass"] in settings.bypasses
                 and r["ideal_reduction"] >= settings.min_reduction - 1e-9]  # CSV round-trips lose the last digits
@@ -109,3 +129,40 @@ def select(rows: list[dict], settings: SelectSettings) -> list[str]:
         ranked = sorted((r for r in eligible if r["size"] == size), key=lambda r: (sign * r[settings.metric], r["plan"]))
         chosen += [r["plan"] for r in ranked[: settings.per_size]]
     return chosen + [str(Plan.parse(p)) for p in settings.always if str(Plan.parse(p)) not in chosen]
+
+
+def run_search(settings: SearchSettings, *, model: str, corpus, out, dtype: str = "auto") -> None:
+    """The stage: score the plan grid (a CSV row per plan); the JSON beside it has the throughput."""
+    plans = settings.plans(load_config(model).num_hidden_layers)  # a bad plan fails before the weights load
+    blocks = load_split(corpus, settings.split)
+    loaded, _ = load_model(model, dtype=dtype)
+    start = time.perf_counter()
+    rows = score_plans(loaded, blocks, plans, batch_size=settings.batch_size)
+    seconds = time.perf_counter() - start
+    write_csv(out, pd.DataFrame(rows))
+    write_json(Path(out).with_suffix(".json"), {
+        "plans": len(plans), "blocks": len(blocks), "seconds": seconds, "plans_per_minute": 60 * len(plans) / seconds,
+        "provenance": provenance({"model": model, "dtype": dtype, "settings": asdict(settings)})})
+
+
+def run_select(settings: SelectSettings, *, search, out) -> None:
+    """The stage: the plans to carry forward from a search CSV, by the rule in the settings."""
+    chosen = select(pd.read_csv(search).to_dict("records"), settings)
+    if not chosen:
+        raise CqilError(f"select: no plan of {search} passes the rule {asdict(settings)}")
+    write_json(out, {"plans": chosen, "rule": asdict(settings), "provenance": provenance({"settings": asdict(settings)})})
+
+
+def run_score(settings: ScoreSettings, *, model: str, plan: Plan, corpus, out, dtype: str = "auto") -> None:
+    """The stage: perplexity, KL to the original and top-1 agreement of one plan on the test blocks (JSON)."""
+    blocks = load_split(corpus, settings.split)
+    loaded, _ = load_model(model, dtype=dtype)
+    original, row = score_plans(loaded, blocks, [plan], batch_size=settings.batch_size, progress=False)
+    write_json(out, {"split": settings.split, "plan": row, "original": original,
+                     "provenance": provenance({"model": model, "dtype": dtype, "settings": asdict(settings)}, plan)})
+
+
+def run_scores_table(inputs, *, out) -> None:
+    """The stage: the selected plans' `cqil score` files as one CSV (`selected_scores.csv`), the original first."""
+    records = [json.loads(Path(path).read_text()) for path in inputs]
+    write_csv(out, pd.DataFrame([records[0]["original"]] + [record["plan"] for record in records]))

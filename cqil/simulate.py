@@ -19,19 +19,22 @@ layer over n ranks and sums each group across its P layers with one more all-red
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
+from .errors import CqilError
+from .io import provenance, write_csv, write_json, write_markdown
+from .latency import result_setup
 from .models import SHAPES
-from .plan import Plan
+from .plan import Plan, Setup
+from .report import simulation_figures
 
 US = 1e-6
-
-
-class SimulateError(ValueError):
-    """Settings the simulator cannot use; the message is one line."""
 
 
 @dataclass(frozen=True)
@@ -162,11 +165,6 @@ def shape_of(name: str) -> dict:
     return {**SHAPES[name], "name": name}
 
 
-def ideal(plan: Plan | None, tp: int, layers: int) -> float:
-    """Layers-only ideal: (E-S)(1-1/P)/L for CQIL, 1-1/n for TP, both combined for CQIL x TP."""
-    return 1 - (1 - (plan.ideal_reduction(layers) if plan else 0.0)) / tp
-
-
 def predictions(plans: dict[str, list[str]], hardware: list[str], degrees: list[int], prefill: list[int],
                 max_ranks: int = 8) -> list[dict]:
     """Original, CQIL, TP and CQIL x TP (up to `max_ranks` ranks) for each named shape and hardware preset."""
@@ -179,25 +177,14 @@ def predictions(plans: dict[str, list[str]], hardware: list[str], degrees: list[
             for phase, tokens in [("decode", 1)] + [("prefill", t) for t in prefill]:
                 for plan, tp in setups:
                     rows.append({"shape": name, "hardware": hw.name, "phase": phase, "tokens": tokens,
-                                 "setup": setup_name(plan, tp), "ranks": (plan.size if plan else 1) * tp,
+                                 "setup": str(Setup.of(plan, tp)), "ranks": Setup.of(plan, tp).ranks,
                                  "ms": 1e3 * latency(shape, hw, phase, tokens, plan, tp),
                                  "reduction": reduction(shape, hw, phase, tokens, plan, tp),
-                                 "ideal": ideal(plan, tp, layers),
+                                 "ideal": Setup.of(plan, tp).ideal(layers),
                                  "paper": PAPER.get((name, str(plan))) if tp == 1 and phase == "decode" else None,
                                  "crossover_us": 1e6 * crossover(shape, hw, plan, phase, tokens)
                                  if plan and tp == 1 else None})
     return rows
-
-
-def layout(result: dict) -> tuple[Plan | None, int]:
-    """The plan and TP degree of a `cqil latency` result."""
-    return (Plan.parse(result["plan"]) if result["plan"] else None), result["degree"] or 1
-
-
-def setup_name(plan: Plan | None, tp: int) -> str:
-    if plan is None:
-        return "original" if tp == 1 else f"tp {tp}"
-    return f"cqil {plan}" + (f" x tp {tp}" if tp > 1 else "")
 
 
 def fit_runs(results: list[dict]) -> Hardware:
@@ -213,12 +200,13 @@ def validation(results: list[dict]) -> list[dict]:
     dtype_bytes, rows = DTYPE_BYTES[original["dtype"]], []
     base = {(r["phase"], r["tokens"]): r["median_ms"] for r in original["records"] if r["threads"] == 1}
     for result in results:
-        plan, tp = layout(result)
+        setup = result_setup(result)
+        plan, tp = setup.plan, setup.degree
         for record in (r for r in result["records"] if r["threads"] == 1):
             args = (original["shape"], hw, record["phase"], record["tokens"])
             baseline = record.get("baseline_median_ms", base[(record["phase"], record["tokens"])])
             predicted = 1e3 * latency(*args, plan, tp, dtype_bytes)
-            rows.append({"model": result["model"], "setup": setup_name(plan, tp), "phase": record["phase"],
+            rows.append({"model": result["model"], "setup": str(setup), "phase": record["phase"],
                          "tokens": record["tokens"], "measured_ms": record["median_ms"], "predicted_ms": predicted,
                          "error": predicted / record["median_ms"] - 1, "fitted_on": result["engine"] == "original",
                          "measured_reduction": 1 - record["median_ms"] / baseline,
@@ -228,24 +216,30 @@ def validation(results: list[dict]) -> list[dict]:
 
 @dataclass(frozen=True)
 class SimulateSettings:
-    plans: dict = field(default_factory=lambda: {"llama-7b": ["S12-E30-P2-D0", "S14-E30-P4-D0"]})  # shape -> plans
-    hardware: list = field(default_factory=lambda: list(HARDWARE))  # presets; the first one draws the crossover
-    tp_degrees: list = (2, 4, 8)
-    prefill_tokens: list = (512, 2048)
+    plans: dict = field(default_factory=lambda: {  # shape (cqil.models.SHAPES) -> plans, 0-indexed, end exclusive
+        "llama-7b": ["S12-E30-P2-D0", "S12-E30-P2-D1", "S14-E30-P4-D0"],  # the official plans (paper: 26.2%, 37.4%)
+        "llama-13b": ["S15-E37-P2-D0", "S17-E37-P4-D0"],  # illustrative
+        "llama-33b": ["S18-E58-P2-D0", "S18-E58-P4-D0"],  # P4 over 40 layers: our guess at the 48.3% plan
+        "llama-70b": ["S24-E76-P2-D0", "S24-E76-P4-D0"],  # illustrative
+        "qwen1.5-14b": ["S17-E37-P2-D0"]})  # the official Qwen plan
+    hardware: list = field(default_factory=lambda: ["A100-80GB/nccl", "A100-80GB/oneshot", "H100-SXM/nccl",
+                                                    "H100-SXM/oneshot"])  # presets; the first draws the crossover
+    tp_degrees: list = field(default_factory=lambda: [2, 4, 8])
+    prefill_tokens: list = field(default_factory=lambda: [512, 2048])
     max_ranks: int = 8  # CQIL x TP setups up to this many ranks
 
     def __post_init__(self):
         for name, plans in self.plans.items():
             if name not in SHAPES:
-                raise SimulateError(f"simulate.plans: unknown shape {name!r}; allowed are {', '.join(SHAPES)}")
+                raise CqilError(f"simulate.plans: unknown shape {name!r}; allowed are {', '.join(SHAPES)}")
             for plan in plans:
                 try:
                     Plan.parse(plan).validate(SHAPES[name]["num_hidden_layers"])
-                except ValueError as err:
-                    raise SimulateError(f"simulate.plans.{name}: {err}") from None
+                except CqilError as err:
+                    raise CqilError(f"simulate.plans.{name}: {err}") from None
         for name in self.hardware:
             if name not in HARDWARE:
-                raise SimulateError(f"simulate.hardware: unknown preset {name!r}; allowed are {', '.join(HARDWARE)}")
+                raise CqilError(f"simulate.hardware: unknown preset {name!r}; allowed are {', '.join(HARDWARE)}")
 
 
 def crossover_sweep(settings: SimulateSettings, latencies_us=tuple(np.geomspace(1, 200, 25))) -> list[dict]:
@@ -261,8 +255,28 @@ def crossover_sweep(settings: SimulateSettings, latencies_us=tuple(np.geomspace(
 def sweep(name: str, hw: Hardware, setups: list[tuple[str | None, int]], latencies_us) -> list[dict]:
     """Decode latency of each (plan, tp) setup as the small all-reduce latency varies."""
     shape = shape_of(name)
-    return [{"shape": name, "hardware": hw.name, "setup": setup_name(plan and Plan.parse(plan), tp),
-             "ranks": (Plan.parse(plan).size if plan else 1) * tp, "allreduce_us": a,
+    return [{"shape": name, "hardware": hw.name, "setup": str(Setup.of(plan and Plan.parse(plan), tp)),
+             "ranks": Setup.of(plan and Plan.parse(plan), tp).ranks, "allreduce_us": a,
              "ms": 1e3 * latency(shape, replace(hw, allreduce_latency=a * US, allreduce_per_doubling=0), "decode",
                                  plan=plan and Plan.parse(plan), tp=tp)}
             for plan, tp in setups for a in latencies_us]
+
+
+def run_simulate(settings: SimulateSettings, *, out_dir, latency=()) -> None:
+    """The stage: predictions for the paper's models on GPU presets, the CQIL/TP crossover, and validation of the
+    model fitted on this machine's `cqil latency` runs, as CSV and Markdown tables, a JSON summary and figures."""
+    out = Path(out_dir)
+    predicted = pd.DataFrame(predictions(settings.plans, settings.hardware, list(settings.tp_degrees),
+                                         list(settings.prefill_tokens), settings.max_ranks))
+    by_model = {}
+    for result in (json.loads(Path(path).read_text()) for path in latency):
+        by_model.setdefault(result["model"], []).append(result)
+    checked = pd.DataFrame([row for group in by_model.values() for row in validation(group)])
+    swept = pd.DataFrame(crossover_sweep(settings))
+    for name, frame in (("predictions", predicted), ("validation", checked), ("crossover", swept)):
+        write_csv(out / f"{name}.csv", frame)
+        write_markdown(out / f"{name}.md", frame)
+    write_json(out / "simulation.json", {"hardware": {name: asdict(hw) for name, hw in HARDWARE.items()},
+                                         "fitted": {model: asdict(fit_runs(group)) for model, group in by_model.items()},
+                                         "provenance": provenance({"latency": list(latency), "settings": asdict(settings)})})
+    simulation_figures(predicted, checked, swept, out)

@@ -15,14 +15,17 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+import sys
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
 
 from .environment import canonical, changes, installed
-from .io import git_sha, machine, settings_hash
+from .errors import CqilError
+from .io import atomic, git_sha, machine, settings_hash, write_csv, write_json
+from .report import trend_figures
 
 
 @dataclass(frozen=True)
@@ -42,8 +45,18 @@ DEFAULT_THRESHOLDS = {
 
 @dataclass(frozen=True)
 class TrackSettings:
-    thresholds: dict = field(default_factory=dict)  # metric kind -> {direction, tolerance, relative}
     label: str | None = None  # a name for this run's record, to compare against later (a baseline)
+    thresholds: dict = field(default_factory=dict)  # metric kind -> {direction, tolerance, relative}
+
+    def __post_init__(self):
+        allowed = ", ".join(f.name for f in fields(Threshold))
+        for kind, given in self.thresholds.items():
+            try:
+                threshold = Threshold(**given)
+            except TypeError:
+                raise CqilError(f"track.thresholds.{kind}: {given!r} needs the keys {allowed}") from None
+            if threshold.direction not in ("lower", "higher"):
+                raise CqilError(f"track.thresholds.{kind}.direction: {threshold.direction!r} is not one of lower, higher")
 
     def threshold(self, kind: str) -> Threshold | None:
         given = self.thresholds.get(kind)
@@ -63,7 +76,7 @@ def metrics(run_dir: Path, logs: Path) -> dict[str, float]:
                     found[f"{model}/{row.plan}/{row.stage}/{row.task}/{row.metric}"] = float(row.value)
         if (path := model_dir / "latency.csv").exists():
             for row in pd.read_csv(path).itertuples():
-                if row.reduction == row.reduction and row.setup != "original, 1 thread":  # not NaN, not the baseline
+                if row.reduction == row.reduction and not (row.engine == "original" and row.threads == 1):  # the baseline
                     found[f"{model}/latency/{row.setup}/{row.phase}-{row.tokens}/reduction"] = float(row.reduction)
         if (path := model_dir / "search.json").exists():
             found[f"{model}/search/plans_per_minute"] = float(json.loads(path.read_text())["plans_per_minute"])
@@ -174,3 +187,57 @@ def trends(records: list[dict]) -> pd.DataFrame:
     return pd.DataFrame([{"record": i, "date": r["date"], "git": r["git"][:8], "metric": name,
                           "kind": name.rsplit("/", 1)[-1], "value": value}
                          for i, r in enumerate(records) for name, value in r["metrics"].items()])
+
+
+# --- The stage ------------------------------------------------------------------------------------
+
+def run_track(settings: TrackSettings, action: str, *, history="results/history.jsonl", run_dir=None, logs=None,
+              config: str = "{}", config_name: str = "", out=None, baseline=None, fail_on_regression: bool = False,
+              out_dir=None) -> int:
+    """The stage: `record` this run in the history; and the commands `compare` (the newest record against the
+    previous one and a baseline) and `trends` (figures, github-action-benchmark files). Returns the exit status,
+    1 when `fail_on_regression` and a metric regressed."""
+    if action == "record":
+        if not (run_dir and logs and Path(run_dir).is_dir()):
+            raise CqilError(f"track record: --run-dir {run_dir!r} and --logs {logs!r} must name a run's folders")
+        entry = record(run_dir, logs, json.loads(config), config_name, settings.label)
+        append(history, entry)
+        if out:
+            write_json(out, entry)
+        print(f"{history}: appended a record with {len(entry['metrics'])} metrics")
+        return 0
+    records, problems = load(history)
+    for problem in problems:
+        print(f"cqil: warning: {problem}", file=sys.stderr)
+    if not records:
+        raise CqilError(f"--history {history}: no readable record")
+    if action == "trends":
+        for tool, entries in benchmark_json(records[-1], settings).items():  # github-action-benchmark
+            with atomic(Path(out_dir) / f"{tool}.json") as tmp:
+                tmp.write_text(json.dumps(entries, indent=1) + "\n")
+        trend_figures(trends(records), out_dir)
+        return 0
+    against = [("previous", records[-2] if len(records) > 1 else None)]
+    if baseline:
+        against.append((f"baseline {baseline}", find(records[:-1], baseline)))
+        if against[-1][1] is None:
+            raise CqilError(f"--baseline {baseline!r}: no earlier record has that label or git sha")
+    regressions = 0
+    for name, old in against:
+        if old is None:
+            print(f"{name}: none (the history has one record)")
+            continue
+        table = compare(records[-1], old, settings)
+        changed = table[table.status.isin(["regression", "improvement", "new", "missing"])]
+        counts = ", ".join(f"{count} {status}" for status, count in table.status.value_counts().items())
+        print(f"\n{name} (git {old['git'][:8]}, {old['date']}): {counts}")
+        drifted = package_changes(records[-1], old)
+        print(f"packages changed: {', '.join(drifted)}" if drifted else "packages: the same versions")
+        print(changed.to_markdown(index=False, floatfmt=".4g") if len(changed) else "no change beyond the thresholds")
+        if out:
+            write_csv(Path(out).with_name(f"{Path(out).stem}-{name.split()[0]}.csv"), table)
+        regressions += int((table.status == "regression").sum())
+    if regressions and fail_on_regression:
+        print(f"cqil: {regressions} regression(s) beyond the thresholds", file=sys.stderr)
+        return 1
+    return 0

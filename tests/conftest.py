@@ -1,9 +1,15 @@
-"""Tiny random models built in memory (no downloads), and the path to the shared evaluation data."""
+"""Tiny random models built in memory (no downloads), the path to the shared evaluation data, and a copy of
+the checkout for the tests that run the DAG (they write there, so the checkout stays as it was)."""
 
 import os
+import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the Hugging Face Hub
+# The embedded model, converted once per machine outside the checkout (cqil.models.resources_dir)
+os.environ.setdefault("CQIL_RESOURCES", str(Path(tempfile.gettempdir()) / "cqil-tests-resources"))
 # As pyproject.toml's filterwarnings, for the processes the tests start: a deprecated cache keyword fails.
 os.environ.setdefault("PYTHONWARNINGS", "error:`past_key_values` is deprecated:FutureWarning")
 
@@ -12,7 +18,22 @@ import torch
 from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config)
 
 FAMILIES = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def checkout_copy(dest: Path) -> Path:
+    """The repository's files (tracked, and untracked ones git does not ignore; links kept) copied into `dest`."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True,
+                            check=True).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        source, target = ROOT / name, dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_symlink():
+            target.symlink_to(os.readlink(source))
+        elif source.is_file():  # a deleted file git still lists is skipped
+            shutil.copy2(source, target)
+    return dest
 
 
 def tiny_config(family="llama", layers=8, **overrides):

@@ -7,7 +7,8 @@ import torch
 from conftest import tiny_model
 from cqil import Plan, apply_plan
 from cqil.analysis import sensitivity, similarity
-from cqil.evaluate import log_probs, summarize, token_sums
+from cqil.metrics import log_probs, summarize, token_sums
+from cqil.errors import CqilError
 from cqil.search import SelectSettings, score_plans, select
 
 
@@ -102,5 +103,5 @@ def test_select_follows_the_rule():
         "S2-E8-P2-D0", "S4-E8-P2-D0", "S4-E8-P4-D0", "S0-E8-P4-D0"]
     assert select(ROWS, SelectSettings(metric="kl", min_reduction=0.2, bypasses=[0, 1])) == ["S2-E8-P2-D1", "S4-E8-P4-D0"]
     assert select(ROWS, SelectSettings(min_reduction=0.5, always=["S6-E8-P2-D0"])) == ["S0-E8-P4-D0", "S6-E8-P2-D0"]
-    with pytest.raises(ValueError, match="allowed are kl, perplexity, top1"):
-        select(ROWS, SelectSettings(metric="bleu"))
+    with pytest.raises(CqilError, match="select.metric: 'bleu' is not one of kl, perplexity, top1"):
+        SelectSettings(metric="bleu")

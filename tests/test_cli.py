@@ -66,8 +66,10 @@ def test_bad_input_is_one_line(capsys, tiny_dir, tmp_path, argv, message):
 
 @pytest.mark.parametrize("argv, message", [
     (["--adapter", "somewhere"], "--adapter needs --plan"),
-    (["--tasks", "arc_easy_local"], "--tasks arc_easy_local: local tasks need --data-dir"),
-    (["--data-dir", "nowhere"], "--data-dir 'nowhere': not a directory"),
+    (["--settings", '{"tasks": ["arc_easy_local"]}'], "evaluate.tasks: arc_easy_local: local tasks need evaluate.data_dir"),
+    (["--settings", '{"data_dir": "nowhere"}'], "evaluate.data_dir: 'nowhere' is not a directory"),
+    (["--settings", '{"task": ["arc_easy_local"]}'], "evaluate.task: not a setting of this stage (allowed: split, tasks"),
+    (["--settings", "{tasks"], "--settings: not valid JSON"),
 ])
 def test_evaluate_input_is_checked_before_loading(capsys, tiny_dir, argv, message):
     code, _, err = run(capsys, "evaluate", "--model", str(tiny_dir), "--corpus", "corpus.pt", "--out", "x.json", *argv)

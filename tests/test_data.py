@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import SHARED_DATA
-from cqil.data import SPLITS, CorpusError, CorpusSettings, build_corpus, pack
+from cqil.data import SPLITS, CorpusSettings, build_corpus, pack
+from cqil.errors import CqilError
 
 SMALL = {"calibration": 2, "search": 1, "finetune": 3, "test": 2}
 
@@ -23,14 +24,14 @@ def test_pack_gives_each_split_whole_documents():
 
 
 @pytest.mark.parametrize("settings, message", [
-    (dict(source="web"), "source='web': allowed are generate, files, hub"),
+    (dict(source="web"), "corpus.source: 'web' is not one of generate, files, hub"),
     (dict(blocks={"search": 1}), "need exactly the splits calibration, search, finetune, test"),
     (dict(source="files"), "source=files needs at least one file"),
-    (dict(source="files", files=["nowhere.txt"]), "'nowhere.txt' not found"),
+    (dict(source="files", files=["nowhere.txt"]), r"corpus.files\[0\]: 'nowhere.txt' not found"),
     (dict(source="hub"), "source=hub needs a dataset id"),
 ])
 def test_bad_settings_fail_with_one_line(settings, message):
-    with pytest.raises(CorpusError, match=message):
+    with pytest.raises(CqilError, match=message):
         CorpusSettings(**settings)
 
 
@@ -50,7 +51,7 @@ def test_jsonl_files(tiny_dir, tmp_path):
     blocks, summary = build_corpus(str(tiny_dir), CorpusSettings(source="files", files=[str(path)],
                                                                    text_field="body", block_size=8, blocks=SMALL))
     assert blocks["calibration"][0, :4].tolist() == [4, 5, 6, 7]  # "w0 w1 w2 w3" in the tiny vocabulary
-    with pytest.raises(CorpusError, match="gave 60 documents"):
+    with pytest.raises(CqilError, match="gave 60 documents"):
         build_corpus(str(tiny_dir), CorpusSettings(source="files", files=[str(path)], text_field="body",
                                                    block_size=64, blocks=SMALL))
 

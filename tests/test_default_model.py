@@ -5,7 +5,7 @@ import torch
 
 from conftest import SHARED_DATA
 from cqil import Plan, apply_plan, load_model
-from cqil.evaluate import perplexity
+from cqil.metrics import perplexity
 
 pytestmark = pytest.mark.slow
 

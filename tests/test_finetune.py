@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 from conftest import tiny_model
 from cqil import Plan, apply_plan
-from cqil.finetune import FinetuneError, FinetuneSettings, finetune, lora_config, micro_batch, student_loss
+from cqil.errors import CqilError
+from cqil.finetune import FinetuneSettings, finetune, lora_config, micro_batch, student_loss
 
 IDS = torch.randint(3, 96, (4, 16), generator=torch.Generator().manual_seed(0))
 
@@ -59,12 +60,12 @@ def test_batches_are_a_pure_function_of_the_step():
 
 
 @pytest.mark.parametrize("settings, message", [
-    (dict(loss="mse"), "loss='mse': allowed are kd, lm, kd+lm"),
-    (dict(kd_reduction="mean"), "allowed are token, official"),
+    (dict(loss="mse"), "finetune.loss: 'mse' is not one of kd, lm, kd+lm"),
+    (dict(kd_reduction="mean"), "is not one of token, official"),
     (dict(steps=0), "must be >= 1"),
 ])
 def test_bad_settings(settings, message):
-    with pytest.raises(FinetuneError, match=re.escape(message)):
+    with pytest.raises(CqilError, match=re.escape(message)):
         FinetuneSettings(**settings)
 
 

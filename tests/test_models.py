@@ -63,7 +63,7 @@ def test_load_model_in_a_chosen_dtype(tiny_dir):
 @pytest.mark.parametrize("sliding", [False, True])
 def test_layer_by_layer_equals_the_model(family, plan, sliding):
     from cqil import apply_plan
-    from cqil.models import decoder_inputs, lm_logits, run_layers
+    from cqil.layers import decoder_inputs, lm_logits, run_layers
 
     window = dict(sliding_window=3, use_sliding_window=True, max_window_layers=2) if sliding else {}
     if sliding and family == "llama":

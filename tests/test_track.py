@@ -96,6 +96,11 @@ def test_compare_cli_gates_on_regressions(tmp_path, capsys):
     assert exit_.value.code == 1
     append(history, entry("d" * 40, **{"m__S16-E28-P2-D0__zeroshot__heldout__kl": 0.61}))  # noise after the jump
     main(["track", "compare", "--history", str(history), "--fail-on-regression"])  # no exit
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:  # a threshold without its direction: one line, not a TypeError
+        main(["track", "compare", "--history", str(history), "--settings", '{"thresholds": {"kl": {"tolerance": 0.1}}}'])
+    assert exit_.value.code == 2 and capsys.readouterr().err == (  # before the history is read
+        "cqil: error: track.thresholds.kl: {'tolerance': 0.1} needs the keys direction, tolerance, relative\n")
 
 
 def test_github_action_benchmark_export_and_trends(tmp_path):

@@ -2,6 +2,8 @@
 
 import copy
 import json
+from dataclasses import asdict
+import re
 import subprocess
 from pathlib import Path
 
@@ -9,15 +11,18 @@ import pandas as pd
 import pytest
 import yaml
 
-from cqil.config import ConfigError, check_config
+from cqil.config import check_config
+from cqil.errors import ConfigError, CqilError
+from cqil.stages import SECTIONS, settings
+from conftest import checkout_copy
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = ROOT / "workflow" / "schemas" / "config.schema.yaml"
 DEFAULT = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
 
 
-def snakemake(*args, check=True):
-    result = subprocess.run(["snakemake", "--cores", "2", *args], cwd=ROOT, capture_output=True, text=True)
+def snakemake(*args, check=True, cwd=ROOT):
+    result = subprocess.run(["snakemake", "--cores", "2", *args], cwd=cwd, capture_output=True, text=True)
     if check and result.returncode:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
@@ -46,6 +51,15 @@ def test_default_config_is_valid():
     check_config(DEFAULT, SCHEMA)
 
 
+def test_each_section_is_its_stages_settings_and_restates_their_defaults():
+    """A stage's settings are built from its config section whole (no key left out on the way); config.yaml
+    states every default, the same as the settings class, so the two cannot drift apart."""
+    for section, cls in SECTIONS.items():
+        assert asdict(settings(cls, DEFAULT[section], section)) == asdict(cls()), section
+    with pytest.raises(CqilError, match=r"^latency.models: not a setting of this stage \(allowed: prompt_lengths, "):
+        settings(SECTIONS["latency"], {"models": ["smollm2-135m"]}, "latency")  # a workflow key: latency_setups
+
+
 @pytest.mark.parametrize("path, value, message", [
     ("run", "two words", "config.run: 'two words' does not match"),
     ("corpus.source", "web", "config.corpus.source: 'web' is not one of ['generate', 'files', 'hub']"),
@@ -63,13 +77,19 @@ def test_default_config_is_valid():
     ("search.include", ["S18-E32-P2-D0"], "config.search.include[0]: plan S18-E32-P2-D0: E=32 exceeds the model's 30 layers"),
     ("select.always", ["S18-E28-P3-D0"], "config.select.always[0]: plan S18-E28-P3-D0: E-S=10 must be a multiple of P=3"),
     ("models", ["llama-7b"], "config.models[0]: 'llama-7b' is not in config.catalog (smollm2-135m, llama-135m)"),
-    ("latency.tp_degrees", [1], "config.latency.tp_degrees[0]: 1 is less than the minimum of 2"),
-    ("latency.models", ["llama-7b"], "config.latency.models[0]: 'llama-7b' is not in config.catalog"),
-    ("latency.plans", ["S12-E32-P2-D0"], "config.latency.plans[0]: plan S12-E32-P2-D0: E=32 exceeds the model's 30 layers"),
+    ("latency_setups.tp_degrees", [1], "config.latency_setups.tp_degrees[0]: 1 is less than the minimum of 2"),
+    ("latency_setups.models", ["llama-7b"], "config.latency_setups.models[0]: 'llama-7b' is not in config.catalog"),
+    ("latency_setups.plans", ["S12-E32-P2-D0"],
+     "config.latency_setups.plans[0]: plan S12-E32-P2-D0: E=32 exceeds the model's 30 layers"),
     ("simulate.plans", {"llama-8b": []}, "config.simulate.plans: unknown shape 'llama-8b'"),
     ("simulate.hardware", ["TPU"], "config.simulate.hardware: unknown preset 'TPU'"),
-    ("catalog.smollm2-135m.heads", None, "config.catalog.smollm2-135m: needs heads for config.latency.tp_degrees"),
+    ("catalog.smollm2-135m.heads", None, "config.catalog.smollm2-135m: needs heads for config.latency_setups.tp_degrees"),
     ("search.sizes", [11], "config.search: the grid has no valid plan for model 'smollm2-135m'"),
+    # checks that the stages' settings make, before any job
+    ("corpus.files", ["nowhere.txt"], "config.corpus.files[0]: 'nowhere.txt' not found"),
+    ("evaluate.tasks", ["arc_easy_local"], "config.evaluate.tasks: arc_easy_local: local tasks need evaluate.data_dir"),
+    ("evaluate.data_dir", "nowhere", "config.evaluate.data_dir: 'nowhere' is not a directory"),
+    ("track.thresholds", {"kl": {"tolerance": 0.1}}, "config.track.thresholds.kl: 'direction' is a required property"),
 ])
 def test_bad_config_fails_with_one_line(path, value, message):
     config = edited(path, value)
@@ -113,7 +133,7 @@ def test_dry_run_of_the_paper_config():
     out = snakemake("-n", "-p", "--configfile", "config/paper.yaml").stdout
     counts = jobs(out)
     assert counts["prepare_model"] == 4 and counts["search"] == 4 and counts["simulate"] == 1
-    # 7B: original, S12-E30-P2-D0 (latency.plans) + its 3 official plans, tp 2 and 4; 13B: 4; 33B, Qwen: 5 each
+    # 7B: original, S12-E30-P2-D0 (latency_setups.plans) + its 3 official plans, tp 2 and 4; 13B: 4; 33B, Qwen: 5 each
     assert counts["latency"] == 6 + 4 + 5 + 5
     assert "--model huggyllama/llama-7b" in out and "results/paper/qwen1.5-14b/latency/cqil-S17-E37-P2-D0.json" in out
     job = out.split("output: results/paper/llama-33b/latency/cqil-S18-E58-P4-D0.json")[1].split("Shell command")[0]
@@ -123,9 +143,15 @@ def test_dry_run_of_the_paper_config():
 
 def test_lint():
     """Snakemake's linter finds nothing but its advice to give each rule a conda env (one env serves all)."""
-    out = snakemake("--lint", check=False).stdout
-    lints = [line.strip() for line in out.splitlines() if line.strip().startswith("* ")]
-    assert all(lint.startswith("* Specify a conda environment or container") for lint in lints), out
+    result = snakemake("--lint", check=False)
+    text = result.stdout + result.stderr
+    found = re.findall(r"^Lints for rule (\w+) .*:\n((?:    \*.*\n(?:      .*\n)*\n?)+)", text, re.M)
+    rules = set(re.findall(r"^(?:rule|checkpoint) (\w+):", "".join(p.read_text() for p in (ROOT / "workflow").rglob("*.smk")),
+                           re.M))
+    assert result.returncode == 1 and "General lints" not in text, text  # 1: it found the one kind of lint below
+    assert {rule for rule, _ in found} == rules and len(rules) >= 15
+    titles = {title for _, lints in found for title in re.findall(r"^    \* (.*):$", lints, re.M)}
+    assert titles == {"Specify a conda environment or container for each rule."}
 
 
 def rendered(html: Path, png: Path) -> None:
@@ -146,10 +172,17 @@ def rendered(html: Path, png: Path) -> None:
 
 @pytest.mark.slow
 def test_real_run_on_the_default_model(tmp_path):
-    """The whole DAG on SmolLM2-135M with small settings; then nothing to redo; then only what a change touches."""
+    """The whole DAG on SmolLM2-135M with small settings; then nothing to redo; then only what a change touches.
+
+    It runs in a copy of the checkout (results/, resources/, logs/ and the history are written there)."""
+    repo = checkout_copy(tmp_path / "repo")
     small = ["--configfile", "tests/data/small.yaml", "--config", "run=pytest"]
-    snakemake(*small)
-    out = ROOT / "results" / "pytest" / "smollm2-135m"
+
+    def run(*args, **kwargs):
+        return snakemake(*args, cwd=repo, **kwargs)
+
+    run(*small)
+    out = repo / "results" / "pytest" / "smollm2-135m"
     search = pd.read_csv(out / "search.csv")
     assert {"plan", "size", "bypass", "ideal_reduction", "perplexity", "kl", "top1", "ppl_ratio"} <= set(search.columns)
     assert len(search) == 1 + 6  # the original and the grid S16/S18 x E28 x P2/P4 x D0/D1, P4 only from S16
@@ -166,7 +199,7 @@ def test_real_run_on_the_default_model(tmp_path):
     assert (finetuned.kl_before > 0).all() and finetuned.kl_after.notna().all()
     for plan in selected:
         assert (out / "plans" / plan / "loss.png").exists()
-        assert (ROOT / "resources" / "pytest" / "smollm2-135m" / "plans" / plan / "finetune" / "adapter"
+        assert (repo / "resources" / "pytest" / "smollm2-135m" / "plans" / plan / "finetune" / "adapter"
                 / "adapter_model.safetensors").exists()
     quality = pd.read_csv(out / "quality.csv")
     variants = set(zip(quality.plan, quality.stage))
@@ -175,38 +208,38 @@ def test_real_run_on_the_default_model(tmp_path):
     heldout = quality[(quality.task == "heldout") & (quality.metric == "kl")].set_index(["plan", "stage"]).value
     assert heldout[("original", "original")] == 0 and len(heldout) == 1 + 2 * len(selected)
     for model, setups in (("smollm2-135m", 2), ("llama-135m", 3)):  # original, cqil (and tp where heads divide)
-        latency = pd.read_csv(ROOT / "results" / "pytest" / model / "latency.csv")
+        latency = pd.read_csv(repo / "results" / "pytest" / model / "latency.csv")
         assert latency.setup.nunique() == setups + 1  # the original at 1 and 2 threads
         assert (latency.check_max_abs_diff.dropna() < 1e-4).all() and latency.check_max_abs_diff.notna().any()
-        assert (ROOT / "results" / "pytest" / model / "figures" / "latency.png").stat().st_size > 10_000
-    history = [json.loads(line) for line in (ROOT / "results" / "pytest" / "history.jsonl").read_text().splitlines()]
+        assert (repo / "results" / "pytest" / model / "figures" / "latency.png").stat().st_size > 10_000
+    history = [json.loads(line) for line in (repo / "results" / "history.jsonl").read_text().splitlines()]
     assert history[-1]["config"] == "pytest" and history[-1]["metrics"]["smollm2-135m/search/plans_per_minute"] > 0
-    validation = pd.read_csv(ROOT / "results" / "pytest" / "simulation" / "validation.csv")
+    validation = pd.read_csv(repo / "results" / "pytest" / "simulation" / "validation.csv")
     assert set(validation.model) == {"smollm2-135m", "random:llama-135m"} and validation.error.notna().all()
     provenance = json.loads((out / "search.json").read_text())["provenance"]
     assert provenance["settings"]["settings"]["sizes"] == [2, 4] and provenance["git"]
 
     # the HTML report: every figure and table with its caption, one self-contained page that a browser renders
     report = tmp_path / "report.html"
-    snakemake(*small, "--report", str(report))
+    run(*small, "--report", str(report))
     html = report.read_text()
     assert report.stat().st_size > 200_000 and "CQIL (Concurrent Computation of Quasi-Independent Layers" in html
     for caption in ("Mean cosine similarity of the inputs", "analytic model fitted on this machine", "official value"):
         assert caption in html, caption
 
-    again = snakemake(*small, "-n")
+    again = run(*small, "-n")
     assert "Nothing to be done" in again.stdout + again.stderr, again.stdout + again.stderr
-    changed = jobs(snakemake(*small, "select={'metric': 'top1'}", "-n").stdout)
+    changed = jobs(run(*small, "select={'metric': 'top1'}", "-n").stdout)
     assert "search" not in changed and "corpus" not in changed and changed["select"] == 1
     # a fine-tuning job with several GPUs is launched by torchrun, a process per GPU
     (tmp_path / "gpus.yaml").write_text("resources:\n  finetune: {gpu: 2}\n")
-    multi = snakemake("--configfile", "tests/data/small.yaml", str(tmp_path / "gpus.yaml"), "--config", "run=pytest",
-                      "-n", "-p").stdout
+    multi = run("--configfile", "tests/data/small.yaml", str(tmp_path / "gpus.yaml"), "--config", "run=pytest",
+                "-n", "-p").stdout
     assert "torchrun --standalone --nproc_per_node 2 -m cqil --threads 2 finetune" in multi
     # latency jobs on GPUs ask for one per rank
     (tmp_path / "gpus.yaml").write_text("resources:\n  latency: {gpu: 1}\n")
-    multi = snakemake("--configfile", "tests/data/small.yaml", str(tmp_path / "gpus.yaml"), "--config", "run=gpus",
-                      "-n", "-p").stdout
+    multi = run("--configfile", "tests/data/small.yaml", str(tmp_path / "gpus.yaml"), "--config", "run=gpus",
+                "-n", "-p").stdout
     for setup, gpus in (("original", 1), ("cqil-S16-E28-P2-D0", 2), ("tp-2", 2)):
         job = multi.split(f"output: results/gpus/llama-135m/latency/{setup}.json")[1].split("Shell command")[0]
         assert f"gpu={gpus}" in job, job

@@ -22,12 +22,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..errors import EngineError
+
 
 ERRORS = "CQIL_RANK_ERRORS"  # where `launch` asks its ranks to leave their one-line errors
-
-
-class EngineError(ValueError):
-    """An engine that cannot run with these ranks or this model; the message is one line."""
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ values in the cache slot of its group's first layer, so every rank fills the sam
 lengths (hence positions and masks) that transformers reads from those slots agree, also for a plan
 that starts at layer 0.
 
-The sum is the one `concurrent.group_forward` computes in one process (tests check logits agree):
+The sum is the one `transform.group_forward` computes in one process (tests check logits agree):
 group output = hidden + all_reduce(delta_j). With bypass D >= 1, layer j's MLP input needs the
 attention outputs of layers j-D .. j-1 of the group, so the ranks all-gather theirs first.
 """
@@ -24,10 +24,10 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from ..concurrent import attention, check_layer_types, delta, pass_through, remove_plan
-from ..models import CACHE, causal_lm, decoder_layers
+from ..errors import EngineError
+from ..layers import CACHE, causal_lm, decoder_layers
 from ..plan import Plan
-from . import EngineError
+from ..transform import attention, check_layer_types, delta, pass_through, remove_plan
 
 PLACEMENTS = ("replicated", "rank0")
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-from ..models import decoder_layers
-from . import EngineError
+from ..errors import EngineError
+from ..layers import decoder_layers
 
 
 def layer_plan() -> dict:

@@ -8,4 +8,11 @@ for pidfile in "$DIR/run/slurmd.pid" "$DIR/run/slurmctld.pid" "$DIR/run/munged.p
   kill -0 "$pid" 2>/dev/null && kill -9 "$pid"
   rm -f "$pidfile"
 done
+# /etc/slurm as start.sh found it: its files back, or none where there were none
+if [ -e "$DIR/etc-saved/.complete" ]; then
+  for f in slurm.conf gres.conf; do
+    if [ -e "$DIR/etc-saved/$f" ]; then cp -p "$DIR/etc-saved/$f" "/etc/slurm/$f"; else rm -f "/etc/slurm/$f"; fi
+  done
+  rm -f "$DIR/etc-saved/.complete"
+fi
 exit 0

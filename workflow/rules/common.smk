@@ -4,12 +4,13 @@ import re
 import shlex
 from pathlib import Path
 
-from cqil.config import ConfigError, check_config
-from cqil.plan import Plan
+from cqil.config import check_config
+from cqil.errors import CqilError
+from cqil.plan import PLAN_NAME, SETUP_NAME, Setup
 
 try:
     check_config(config, Path(workflow.basedir) / "schemas" / "config.schema.yaml")
-except ConfigError as err:  # one line, before any job runs
+except CqilError as err:  # one line, before any job runs
     raise SystemExit(f"cqil: error: {err}")
 
 RESULTS = f"results/{config['run']}/{{model}}"
@@ -24,14 +25,14 @@ def log_path(rule, suffix="log"):
     return f"logs/{config['run']}/{rule}/{{model}}.{suffix}"
 
 
-LATENCY_MODELS = config.get("latency", {}).get("models", [])
+LATENCY_MODELS = config["latency_setups"]["models"]
 
 
 wildcard_constraints:
     model="|".join(map(re.escape, dict.fromkeys(config["models"] + LATENCY_MODELS))),
-    setup=r"original|cqil-S\d+-E\d+-P\d+-D\d+(-official)?|tp-\d+",
-    plan=r"S\d+-E\d+-P\d+-D\d+(-official)?",
-    variant=r"original|S\d+-E\d+-P\d+-D\d+(-official)?(-finetuned)?",
+    setup=SETUP_NAME,
+    plan=PLAN_NAME,
+    variant=rf"original|{PLAN_NAME}(-finetuned)?",
 
 
 def spec(wildcards):
@@ -46,18 +47,17 @@ def dtype(wildcards):
     return config["catalog"][wildcards.model].get("dtype", "auto")
 
 
-def settings(section, drop=("split",)):
-    """A config section as the quoted JSON that `cqil <stage> --settings` reads."""
-    values = {k: v for k, v in config[section].items() if k not in drop}
-    return shlex.quote(json.dumps(values, sort_keys=True))
+def settings(section):
+    """A config section as the quoted JSON that `cqil <stage> --settings` reads: the stage's settings, whole."""
+    return shlex.quote(json.dumps(config[section], sort_keys=True))
 
 
 def model_settings(section, field):
     """`settings` per model: the model's catalog `plans` join the list config[section][field]."""
 
     def params(wildcards):
-        values = {k: v for k, v in config[section].items() if k != "split"}
-        values[field] = list(dict.fromkeys(values.get(field, []) + model_plans(wildcards.model)))
+        values = dict(config[section])
+        values[field] = list(dict.fromkeys(values[field] + model_plans(wildcards.model)))
         return shlex.quote(json.dumps(values, sort_keys=True))
 
     return params
@@ -136,14 +136,6 @@ def variant_args(wildcards, input):
     return f"--plan {plan}" + (f" --adapter {input.adapter}" if "adapter" in input.keys() else "")
 
 
-def evaluate_options():
-    """The optional flags of `cqil evaluate` that the config sets."""
-    section = config["evaluate"]
-    flags = [f"--data-dir {shlex.quote(str(Path(section['data_dir']).resolve()))}" if section.get("data_dir") else "",
-             f"--limit {section['limit']}" if section.get("limit") else ""]
-    return " ".join(flag for flag in flags if flag)
-
-
 def launcher(rule):
     """`cqil`, or `torchrun` with one process per GPU when the job has more than one."""
     gpus = res(rule, "gpu")
@@ -152,14 +144,14 @@ def launcher(rule):
 
 def latency_setups(model):
     """What the latency stage times for a model: the original, each plan, each TP degree that splits its heads."""
-    entry = config["catalog"][model]
-    degrees = [n for n in config["latency"]["tp_degrees"] if entry["heads"] % n == 0 and entry["kv_heads"] % n == 0]
-    plans = dict.fromkeys(config["latency"]["plans"] + model_plans(model))
-    return ["original"] + [f"cqil-{plan}" for plan in plans] + [f"tp-{n}" for n in degrees]
+    entry, wanted = config["catalog"][model], config["latency_setups"]
+    degrees = [n for n in wanted["tp_degrees"] if entry["heads"] % n == 0 and entry["kv_heads"] % n == 0]
+    plans = dict.fromkeys(wanted["plans"] + model_plans(model))
+    return [Setup("original")] + [Setup.parse(f"cqil-{plan}") for plan in plans] + [Setup("tp", degree=n) for n in degrees]
 
 
 def latency_files(model):
-    return expand(f"{RESULTS}/latency/{{setup}}.json", model=model, setup=latency_setups(model))
+    return expand(f"{RESULTS}/latency/{{setup}}.json", model=model, setup=[s.name for s in latency_setups(model)])
 
 
 def latency_inputs(wildcards):
@@ -167,16 +159,15 @@ def latency_inputs(wildcards):
 
 
 def engine_args(wildcards):
-    """`cqil latency` flags of a setup name."""
-    engine, _, rest = wildcards.setup.partition("-")
-    return {"original": "--engine original", "cqil": f"--engine cqil --plan {rest}", "tp": f"--engine tp --degree {rest}"}[engine]
+    """`cqil latency` flags of a setup."""
+    setup = Setup.parse(wildcards.setup)
+    return f"--engine {setup.engine}" + (f" --plan {setup.plan}" if setup.plan else "") + (
+        f" --degree {setup.degree}" if setup.engine == "tp" else "")
 
 
 def latency_gpus(wildcards):
     """GPUs of a latency job: one per rank when config.resources.latency.gpu is set, else none."""
-    engine, _, rest = wildcards.setup.partition("-")
-    ranks = Plan.parse(rest).size if engine == "cqil" else int(rest) if engine == "tp" else 1
-    return ranks if res("latency", "gpu") else 0
+    return Setup.parse(wildcards.setup).ranks if res("latency", "gpu") else 0
 
 
 FIGURES = ["similarity_heatmap", "similarity_adjacent", "sensitivity", "frontier"]
@@ -188,4 +179,4 @@ def final_targets():
         + [f"{RESULTS}/figures/{name}.png" for name in FIGURES],
         model=config["models"],
     ) + expand([f"{RESULTS}/latency.csv", f"{RESULTS}/figures/latency.png"], model=LATENCY_MODELS) + (
-        [f"{SIMULATION}/predictions.csv"] if LATENCY_MODELS and "simulate" in config else []) + [f"{TABLES}/quality.csv"]
+        [f"{SIMULATION}/predictions.csv"] if LATENCY_MODELS else []) + [f"{TABLES}/quality.csv"]

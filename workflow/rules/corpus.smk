@@ -6,7 +6,7 @@ rule corpus:
         summary=f"{RESULTS}/corpus.json",
     params:
         spec=spec,
-        settings=settings("corpus", drop=()),
+        settings=settings("corpus"),
     log:
         log_path("corpus"),
     benchmark:
@@ -15,5 +15,5 @@ rule corpus:
     resources:
         **job_resources("corpus"),
     shell:
-        "cqil --threads {threads} corpus --model {params.spec:q} --settings {params.settings}"
+        "cqil --threads {threads} corpus --settings {params.settings} --model {params.spec:q}"
         " --out {output.blocks} --summary {output.summary} > {log} 2>&1"

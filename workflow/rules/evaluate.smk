@@ -8,11 +8,7 @@ rule evaluate:
         spec=spec,
         dtype=dtype,
         variant=variant_args,
-        split=config["evaluate"].get("split", "test"),
-        tasks=" ".join(config["evaluate"]["tasks"]),
-        options=evaluate_options(),
-        batch_size=config["evaluate"].get("batch_size", 8),
-        cloze_choices=config["evaluate"].get("cloze_choices", 4),
+        settings=settings("evaluate"),
     log:
         f"logs/{config['run']}/evaluate/{{model}}/{{variant}}.log",
     benchmark:
@@ -21,9 +17,8 @@ rule evaluate:
     resources:
         **job_resources("evaluate"),
     shell:
-        "cqil --threads {threads} evaluate --model {params.spec:q} --dtype {params.dtype} {params.variant}"
-        " --corpus {input.corpus} --split {params.split} --tasks {params.tasks} {params.options}"
-        " --batch-size {params.batch_size} --cloze-choices {params.cloze_choices} --out {output} > {log} 2>&1"
+        "cqil --threads {threads} evaluate --settings {params.settings} --model {params.spec:q} --dtype {params.dtype}"
+        " {params.variant} --corpus {input.corpus} --out {output} > {log} 2>&1"
 
 
 rule quality:

@@ -9,9 +9,7 @@ rule finetune:
     params:
         spec=spec,
         dtype=dtype,
-        split=config["finetune"].get("split", "finetune"),
-        eval_split=config["finetune"].get("eval_split", "test"),
-        settings=settings("finetune", drop=("split", "eval_split")),
+        settings=settings("finetune"),
         out_dir=f"{RESOURCES}/plans/{{plan}}/finetune",  # the checkpoint here survives a killed job
         launcher=launcher("finetune"),
     log:
@@ -22,10 +20,9 @@ rule finetune:
     resources:
         **job_resources("finetune"),
     shell:
-        "{params.launcher} --threads {threads} finetune --model {params.spec:q} --dtype {params.dtype}"
-        " --plan {wildcards.plan} --corpus {input} --split {params.split} --eval-split {params.eval_split}"
-        " --settings {params.settings} --out-dir {params.out_dir} --summary {output.summary}"
-        " --figure {output.figure} > {log} 2>&1"
+        "{params.launcher} --threads {threads} finetune --settings {params.settings} --model {params.spec:q}"
+        " --dtype {params.dtype} --plan {wildcards.plan} --corpus {input} --out-dir {params.out_dir}"
+        " --summary {output.summary} --figure {output.figure} > {log} 2>&1"
 
 
 # One row per fine-tuned plan: held-out perplexity, KL and top-1 agreement before and after.
@@ -38,4 +35,4 @@ rule finetuned:
         log_path("finetuned"),
     threads: 1
     shell:
-        "cqil collect --kind finetune {input} --out {output} > {log} 2>&1"
+        "cqil finetuned-table {input} --out {output} > {log} 2>&1"

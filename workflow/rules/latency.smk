@@ -9,7 +9,7 @@ rule latency:
         spec=spec,
         dtype=dtype,
         engine=engine_args,
-        settings=settings("latency", drop=("models", "plans", "tp_degrees")),
+        settings=settings("latency"),
     log:
         f"logs/{config['run']}/latency/{{model}}/{{setup}}.log",
     benchmark:
@@ -18,8 +18,8 @@ rule latency:
     resources:
         **job_resources("latency", gpu=latency_gpus),
     shell:
-        "cqil latency --model {params.spec:q} --dtype {params.dtype} {params.engine}"
-        " --settings {params.settings} --out {output} > {log} 2>&1"
+        "cqil latency --settings {params.settings} --model {params.spec:q} --dtype {params.dtype} {params.engine}"
+        " --out {output} > {log} 2>&1"
 
 
 # The latency table (CSV + Markdown) and its figure: reductions against the 1-thread original and the ideal.

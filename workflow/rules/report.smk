@@ -23,18 +23,17 @@ rule tables:
     input:
         quality=expand(f"{RESULTS}/quality.csv", model=config["models"]),
         latency=expand(f"{RESULTS}/latency.csv", model=LATENCY_MODELS),
-        predictions=[f"{SIMULATION}/predictions.csv"] if "simulate" in config else [],
+        predictions=f"{SIMULATION}/predictions.csv",
     output:
         [report(f"{TABLES}/{name}.csv", caption=f"../report/{name}_table.rst", category="Tables")
          for name in ("quality", "latency")],
         [f"{TABLES}/{name}.{kind}" for name in ("quality", "latency") for kind in ("md", "tex")],
     params:
         quality=" ".join(f"{model}=results/{config['run']}/{model}/quality.csv" for model in config["models"]),
-        predictions=f"--predictions {SIMULATION}/predictions.csv" if "simulate" in config else "",
         out_dir=output_dir,
     log:
         f"logs/{config['run']}/tables.log",
     threads: 1
     shell:
-        "cqil tables --quality {params.quality} --latency {input.latency} {params.predictions}"
+        "cqil tables --quality {params.quality} --latency {input.latency} --predictions {input.predictions}"
         " --out-dir {params.out_dir} > {log} 2>&1"

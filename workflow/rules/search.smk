@@ -7,7 +7,6 @@ rule search:
     params:
         spec=spec,
         dtype=dtype,
-        split=config["search"].get("split", "search"),
         settings=model_settings("search", "include"),
     log:
         log_path("search"),
@@ -17,8 +16,8 @@ rule search:
     resources:
         **job_resources("search"),
     shell:
-        "cqil --threads {threads} search --model {params.spec:q} --dtype {params.dtype} --corpus {input}"
-        " --split {params.split} --settings {params.settings} --out {output.table} > {log} 2>&1"
+        "cqil --threads {threads} search --settings {params.settings} --model {params.spec:q} --dtype {params.dtype}"
+        " --corpus {input} --out {output.table} > {log} 2>&1"
 
 
 # The plans chosen here fan out to the later stages (scores now; fine-tuning, evaluation, latency next).
@@ -35,7 +34,7 @@ checkpoint select:
         log_path("select", "benchmark.tsv")
     threads: 1
     shell:
-        "cqil select --search {input} --settings {params.settings} --out {output} > {log} 2>&1"
+        "cqil select --settings {params.settings} --search {input} --out {output} > {log} 2>&1"
 
 
 rule score:
@@ -46,8 +45,7 @@ rule score:
     params:
         spec=spec,
         dtype=dtype,
-        split=config["score"].get("split", "test"),
-        batch_size=config["score"].get("batch_size", 4),
+        settings=settings("score"),
     log:
         f"logs/{config['run']}/score/{{model}}/{{plan}}.log",
     benchmark:
@@ -56,8 +54,8 @@ rule score:
     resources:
         **job_resources("score"),
     shell:
-        "cqil --threads {threads} score --model {params.spec:q} --dtype {params.dtype} --plan {wildcards.plan}"
-        " --corpus {input} --split {params.split} --batch-size {params.batch_size} --out {output} > {log} 2>&1"
+        "cqil --threads {threads} score --settings {params.settings} --model {params.spec:q} --dtype {params.dtype}"
+        " --plan {wildcards.plan} --corpus {input} --out {output} > {log} 2>&1"
 
 
 rule selected_scores:
@@ -69,4 +67,4 @@ rule selected_scores:
         log_path("selected_scores"),
     threads: 1
     shell:
-        "cqil collect {input} --out {output} > {log} 2>&1"
+        "cqil scores-table {input} --out {output} > {log} 2>&1"

@@ -7,9 +7,7 @@ rule sensitivity:
     params:
         spec=spec,
         dtype=dtype,
-        split=config["sensitivity"].get("split", "calibration"),
-        distances=" ".join(map(str, config["sensitivity"].get("distances", [1, 2]))),
-        batch_size=config["sensitivity"].get("batch_size", 2),
+        settings=settings("sensitivity"),
     log:
         log_path("sensitivity"),
     benchmark:
@@ -18,6 +16,5 @@ rule sensitivity:
     resources:
         **job_resources("sensitivity"),
     shell:
-        "cqil --threads {threads} sensitivity --model {params.spec:q} --dtype {params.dtype} --corpus {input}"
-        " --split {params.split} --distances {params.distances} --batch-size {params.batch_size}"
-        " --out {output.table} > {log} 2>&1"
+        "cqil --threads {threads} sensitivity --settings {params.settings} --model {params.spec:q} --dtype {params.dtype}"
+        " --corpus {input} --out {output.table} > {log} 2>&1"

@@ -7,8 +7,7 @@ rule similarity:
     params:
         spec=spec,
         dtype=dtype,
-        split=config["similarity"].get("split", "calibration"),
-        batch_size=config["similarity"].get("batch_size", 4),
+        settings=settings("similarity"),
     log:
         log_path("similarity"),
     benchmark:
@@ -17,5 +16,5 @@ rule similarity:
     resources:
         **job_resources("similarity"),
     shell:
-        "cqil --threads {threads} similarity --model {params.spec:q} --dtype {params.dtype} --corpus {input}"
-        " --split {params.split} --batch-size {params.batch_size} --out {output.table} > {log} 2>&1"
+        "cqil --threads {threads} similarity --settings {params.settings} --model {params.spec:q} --dtype {params.dtype}"
+        " --corpus {input} --out {output.table} > {log} 2>&1"

@@ -11,10 +11,10 @@ rule simulate:
          for name in SIMULATION_FIGURES],
         [f"{SIMULATION}/{name}.pdf" for name in SIMULATION_FIGURES],
     params:
-        settings=settings("simulate", drop=()),
+        settings=settings("simulate"),
         out_dir=output_dir,
     log:
         f"logs/{config['run']}/simulate.log",
     threads: 1
     shell:
-        "cqil simulate --latency {input} --settings {params.settings} --out-dir {params.out_dir} > {log} 2>&1"
+        "cqil simulate --settings {params.settings} --latency {input} --out-dir {params.out_dir} > {log} 2>&1"

@@ -6,8 +6,8 @@ rule track:
     output:
         f"results/{config['run']}/track/record.json",
     params:
-        history=config.get("track", {}).get("history", "results/history.jsonl"),
-        settings=settings("track", drop=("history",)) if "track" in config else "'{}'",
+        settings=settings("track"),
+        history="results/history.jsonl",  # every run's record, appended: not a file of this run
         config=shlex.quote(json.dumps(config, sort_keys=True, default=str)),
         run_dir=run_folder,
         logs=f"logs/{config['run']}",
@@ -16,6 +16,5 @@ rule track:
         f"logs/{config['run']}/track.log",
     threads: 1
     shell:
-        "cqil track record --run-dir {params.run_dir} --logs {params.logs} --config {params.config}"
-        " --config-name {params.name} --settings {params.settings} --history {params.history} --out {output}"
-        " > {log} 2>&1"
+        "cqil track record --settings {params.settings} --run-dir {params.run_dir} --logs {params.logs}"
+        " --config {params.config} --config-name {params.name} --history {params.history} --out {output} > {log} 2>&1"

@@ -10,7 +10,7 @@ from transformers.masking_utils import create_causal_mask
 
 from conftest import tiny_model
 from cqil import Plan, PlanError, apply_plan, load_model, remove_plan
-from cqil.models import CACHE, with_cache
+from cqil.layers import CACHE, with_cache
 
 PLANS = ["S2-E6-P2-D0", "S2-E6-P2-D1", "S2-E6-P2-D1-official", "S1-E5-P4-D0", "S1-E5-P4-D1",
          "S1-E5-P4-D1-official", "S0-E8-P4-D3", "S0-E8-P4-D2-official"]
@@ -89,7 +89,7 @@ def test_empty_and_one_layer_groups_are_the_original(family, name):
 
 def test_group_of_one_layer_is_the_layer():
     # P=1 plans skip the grouped forward; the mechanism itself also reduces to the layer (float64).
-    from cqil.concurrent import group_forward
+    from cqil.transform import group_forward
     model = tiny_model()
     layer, h = model.model.layers[3], torch.randn(2, 7, 64, dtype=torch.float64)
     pos = torch.arange(7)[None]
@@ -120,7 +120,7 @@ def test_foreign_forwards_are_refused_and_kept():
 
 
 def test_planned_restores_the_models_own_plan():
-    from cqil.concurrent import planned
+    from cqil.transform import planned
     model, ids = tiny_model(), ids_batch()
     apply_plan(model, Plan.parse("S0-E8-P4-D1"))
     with torch.no_grad():

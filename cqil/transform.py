@@ -1,9 +1,11 @@
-"""CQIL in one process: the layers of each group read the same input, their deltas are summed.
+"""The CQIL transform of a model, in one process: the layers of each group read the same input, their deltas are summed.
 
     apply_plan(model, Plan.parse("S18-E28-P2-D0"))   # in place; weights are not copied
     remove_plan(model)                               # the original forward again
 
-This is the *simulation* of the concurrent runtime: the arithmetic of P ranks, run one after another.
+This is the arithmetic of P ranks run one after another: the reference that the concurrent engine
+(`runtime/cqil.py`, one layer of each group per rank) is checked against, and the model that the
+search, fine-tuning and evaluation use.
 How it plugs into a transformers model without forking its modeling file: the model's own decoder
 loop still calls every layer in order, with that layer's mask, rotary embedding and cache slot. The
 first layer of a group computes the whole group from the shared input; the other layers of the
@@ -19,8 +21,9 @@ from functools import partial
 
 import torch
 
-from .models import decoder_layers
-from .plan import Plan, PlanError
+from .errors import PlanError
+from .layers import decoder_layers
+from .plan import Plan
 
 
 def attention(layer, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
