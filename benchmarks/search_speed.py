@@ -48,15 +48,24 @@ for round_ in range(args.repeats):
     order = list(times) if round_ % 2 == 0 else list(times)[::-1]
     for way in order:
         start = time.perf_counter()
-        score_plans(model, blocks, plans, batch_size=settings.batch_size, reuse_prefix=way == "prefix reused",
-                    progress=False)
+        score_plans(
+            model, blocks, plans, batch_size=settings.batch_size, reuse_prefix=way == "prefix reused", progress=False
+        )
         times[way].append(time.perf_counter() - start)
         print(f"round {round_ + 1}/{args.repeats}: {way}: {times[way][-1]:.1f} s for {len(plans)} plans")
 
 per_minute = {way: 60 * len(plans) / statistics.median(t) for way, t in times.items()}
 speedup = statistics.median(s / r for s, r in zip(times["from scratch"], times["prefix reused"]))
-record = {"model": name, "plans": len(plans), "blocks": list(blocks.shape), "threads": torch.get_num_threads(),
-          "repeats": args.repeats, "seconds": times, "plans_per_minute": per_minute, "speedup": speedup}
+record = {
+    "model": name,
+    "plans": len(plans),
+    "blocks": list(blocks.shape),
+    "threads": torch.get_num_threads(),
+    "repeats": args.repeats,
+    "seconds": times,
+    "plans_per_minute": per_minute,
+    "speedup": speedup,
+}
 out = Path(args.out)
 out.mkdir(parents=True, exist_ok=True)
 (out / "search_speed.json").write_text(json.dumps(record, indent=2) + "\n")

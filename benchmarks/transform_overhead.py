@@ -52,11 +52,16 @@ with torch.inference_mode():
 
 ratios = {n: statistics.median(t / o for t, o in zip(times[n], times["original"])) for n in args.plans}
 record = {
-    "model": args.model, "input": [args.batch, args.tokens], "repeats": args.repeats,
-    "threads": torch.get_num_threads(), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+    "model": args.model,
+    "input": [args.batch, args.tokens],
+    "repeats": args.repeats,
+    "threads": torch.get_num_threads(),
+    "torch": torch.__version__,
+    "cpu": platform.processor() or platform.machine(),
     "cores": os.cpu_count(),
     "median_s": {n: statistics.median(t) for n, t in times.items()},
-    "median_ratio_to_original": ratios, "times_s": times,
+    "median_ratio_to_original": ratios,
+    "times_s": times,
 }
 out = Path(args.out)
 out.mkdir(parents=True, exist_ok=True)
@@ -67,7 +72,9 @@ ax.boxplot([times[n] for n in names], tick_labels=names)
 ax.set_ylabel(f"forward time, {args.batch}x{args.tokens} tokens (s)")
 ax.set_title(f"{args.model}: simulated CQIL vs original ({torch.get_num_threads()} threads)", fontsize=9)
 for i, n in enumerate(args.plans, start=2):
-    ax.annotate(f"x{ratios[n]:.3f}", (i, statistics.median(times[n])), textcoords="offset points", xytext=(14, 0), fontsize=8)
+    ax.annotate(
+        f"x{ratios[n]:.3f}", (i, statistics.median(times[n])), textcoords="offset points", xytext=(14, 0), fontsize=8
+    )
 fig.tight_layout()
 fig.savefig(out / "transform_overhead.png", dpi=150)
 print(json.dumps({"median_s": record["median_s"], "median_ratio_to_original": ratios}, indent=2))

@@ -6,5 +6,14 @@ from .plan import Plan, Setup
 from .transform import apply_plan, remove_plan
 
 __version__ = "0.1.0"
-__all__ = ["CqilError", "Plan", "PlanError", "Setup", "apply_plan", "remove_plan", "load_model", "load_tokenizer",
-           "__version__"]
+__all__ = [
+    "CqilError",
+    "Plan",
+    "PlanError",
+    "Setup",
+    "apply_plan",
+    "remove_plan",
+    "load_model",
+    "load_tokenizer",
+    "__version__",
+]

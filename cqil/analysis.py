@@ -112,11 +112,24 @@ def run_similarity(settings: SimilaritySettings, *, model: str, corpus, out, dty
     blocks = load_split(corpus, settings.split)
     matrix = similarity(load_model(model, dtype=dtype)[0], blocks, batch_size=settings.batch_size)
     size = len(matrix)
-    write_csv(out, pd.DataFrame({"layer_i": np.repeat(np.arange(size), size), "layer_j": np.tile(np.arange(size), size),
-                                 "cosine": matrix.ravel()}))
-    write_json(Path(out).with_suffix(".json"), {
-        "adjacent": [float(matrix[i, i + 1]) for i in range(size - 1)], "blocks": len(blocks),
-        "provenance": provenance({"model": model, "dtype": dtype, "settings": asdict(settings)})})
+    write_csv(
+        out,
+        pd.DataFrame(
+            {
+                "layer_i": np.repeat(np.arange(size), size),
+                "layer_j": np.tile(np.arange(size), size),
+                "cosine": matrix.ravel(),
+            }
+        ),
+    )
+    write_json(
+        Path(out).with_suffix(".json"),
+        {
+            "adjacent": [float(matrix[i, i + 1]) for i in range(size - 1)],
+            "blocks": len(blocks),
+            "provenance": provenance({"model": model, "dtype": dtype, "settings": asdict(settings)}),
+        },
+    )
 
 
 def run_sensitivity(settings: SensitivitySettings, *, model: str, corpus, out, dtype: str = "auto") -> None:
@@ -124,5 +137,10 @@ def run_sensitivity(settings: SensitivitySettings, *, model: str, corpus, out, d
     blocks = load_split(corpus, settings.split)
     rows = sensitivity(load_model(model, dtype=dtype)[0], blocks, settings.distances, batch_size=settings.batch_size)
     write_csv(out, pd.DataFrame(rows))
-    write_json(Path(out).with_suffix(".json"), {
-        "blocks": len(blocks), "provenance": provenance({"model": model, "dtype": dtype, "settings": asdict(settings)})})
+    write_json(
+        Path(out).with_suffix(".json"),
+        {
+            "blocks": len(blocks),
+            "provenance": provenance({"model": model, "dtype": dtype, "settings": asdict(settings)}),
+        },
+    )

@@ -76,9 +76,10 @@ def stage_parser(sub, name: str, settings_class, run) -> None:
     parser = sub.add_parser(name, help=summary, description=run.__doc__)
     parser.set_defaults(func=lambda args: run_stage(name, args))
     if settings_class:
-        parser.add_argument("--settings", default="{}",
-                            help=f"JSON object of {settings_class.__name__} fields (config section: {name})")
-    for param in list(inspect.signature(run).parameters.values())[1 if settings_class else 0:]:
+        parser.add_argument(
+            "--settings", default="{}", help=f"JSON object of {settings_class.__name__} fields (config section: {name})"
+        )
+    for param in list(inspect.signature(run).parameters.values())[1 if settings_class else 0 :]:
         if param.name == "argv":
             continue  # the command's own arguments: `cqil latency` relaunches itself under torchrun
         spec = dict(OPTIONS.get(param.name, {}))
@@ -134,7 +135,7 @@ def cmd_generate(args) -> None:
     for variant in [None, plan] if plan else [None]:
         apply_plan(model, variant)
         out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
-        text = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        text = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         print(f"[{variant or 'original'}] {args.prompt}{text}")
     remove_plan(model)
 
@@ -153,7 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--plan", help=OPTIONS["plan"]["help"])
         p.add_argument("--dtype", default="auto", choices=list(DTYPES))
     sub.choices["ppl"].add_argument("--text", required=True, help="UTF-8 text file to score")
-    sub.choices["ppl"].add_argument("--block-size", type=int, default=512, help="tokens per scored block (default: %(default)s)")
+    sub.choices["ppl"].add_argument(
+        "--block-size", type=int, default=512, help="tokens per scored block (default: %(default)s)"
+    )
     sub.choices["generate"].add_argument("prompt")
     sub.choices["generate"].add_argument("--max-new-tokens", type=int, default=30)
     for name, (settings_class, run) in STAGES.items():  # the pipeline's stages; the Snakemake rules call these

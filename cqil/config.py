@@ -41,17 +41,28 @@ def check_plans(config: dict) -> None:
         for field in ("starts", "ends"):
             for i, value in enumerate(search[field]):
                 if value > layers or (field == "starts" and value >= layers):
-                    raise ConfigError(f"config.search.{field}[{i}]: {value} does not fit model {name!r} "
-                                      f"with {layers} layers (0 <= S < E <= {layers})")
-        for field, names in (("search.include", search.get("include", [])), ("select.always", select.get("always", [])),
-                             (f"catalog.{name}.plans", config["catalog"][name].get("plans", []))):
+                    raise ConfigError(
+                        f"config.search.{field}[{i}]: {value} does not fit model {name!r} "
+                        f"with {layers} layers (0 <= S < E <= {layers})"
+                    )
+        for field, names in (
+            ("search.include", search.get("include", [])),
+            ("select.always", select.get("always", [])),
+            (f"catalog.{name}.plans", config["catalog"][name].get("plans", [])),
+        ):
             for i, plan in enumerate(names):
                 try:
                     Plan.parse(plan).validate(layers)
                 except CqilError as err:
                     raise ConfigError(f"config.{field}[{i}]: {err} (model {name!r})") from None
-        grid = Plan.grid(layers, search["starts"], search["ends"], search["sizes"], search.get("bypasses", [0]),
-                         search.get("modes", ["paper"]))
+        grid = Plan.grid(
+            layers,
+            search["starts"],
+            search["ends"],
+            search["sizes"],
+            search.get("bypasses", [0]),
+            search.get("modes", ["paper"]),
+        )
         if not grid and not search.get("include"):
             raise ConfigError(f"config.search: the grid has no valid plan for model {name!r} ((E-S) % P == 0, D < P)")
 
@@ -61,9 +72,13 @@ def check_latency(config: dict) -> None:
     for i, name in enumerate(latency["models"]):
         entry = config["catalog"].get(name)
         if entry is None:
-            raise ConfigError(f"config.latency_setups.models[{i}]: {name!r} is not in config.catalog "
-                              f"({', '.join(config['catalog'])})")
-        for field, plans in (("latency_setups.plans", latency["plans"]), (f"catalog.{name}.plans", entry.get("plans", []))):
+            raise ConfigError(
+                f"config.latency_setups.models[{i}]: {name!r} is not in config.catalog ({', '.join(config['catalog'])})"
+            )
+        for field, plans in (
+            ("latency_setups.plans", latency["plans"]),
+            (f"catalog.{name}.plans", entry.get("plans", [])),
+        ):
             for j, plan in enumerate(plans):
                 try:
                     Plan.parse(plan).validate(entry["layers"])
@@ -71,7 +86,9 @@ def check_latency(config: dict) -> None:
                     raise ConfigError(f"config.{field}[{j}]: {err} (model {name!r})") from None
         missing = [key for key in ("heads", "kv_heads") if key not in entry]
         if latency["tp_degrees"] and missing:
-            raise ConfigError(f"config.catalog.{name}: needs {' and '.join(missing)} for config.latency_setups.tp_degrees")
+            raise ConfigError(
+                f"config.catalog.{name}: needs {' and '.join(missing)} for config.latency_setups.tp_degrees"
+            )
 
 
 def check_settings(config: dict) -> None:

@@ -43,13 +43,46 @@ STYLES = [
     "Describe the history of {} in a few paragraphs.",
 ]
 TOPICS = [
-    "bridges", "honey bees", "the printing press", "volcanoes", "chess openings", "the water cycle",
-    "medieval castles", "solar panels", "the human heart", "jazz music", "coral reefs", "railways",
-    "vaccines", "the Roman Empire", "black holes", "bread baking", "glaciers", "the stock market",
-    "octopuses", "the internet", "ancient Egypt", "wind turbines", "photosynthesis", "lighthouses",
-    "the Olympic Games", "deserts", "clocks and timekeeping", "rainforests", "the moon landing",
-    "coffee", "earthquakes", "libraries", "electric cars", "migratory birds", "the periodic table",
-    "tea ceremonies", "submarines", "mountaineering", "recycling", "the violin",
+    "bridges",
+    "honey bees",
+    "the printing press",
+    "volcanoes",
+    "chess openings",
+    "the water cycle",
+    "medieval castles",
+    "solar panels",
+    "the human heart",
+    "jazz music",
+    "coral reefs",
+    "railways",
+    "vaccines",
+    "the Roman Empire",
+    "black holes",
+    "bread baking",
+    "glaciers",
+    "the stock market",
+    "octopuses",
+    "the internet",
+    "ancient Egypt",
+    "wind turbines",
+    "photosynthesis",
+    "lighthouses",
+    "the Olympic Games",
+    "deserts",
+    "clocks and timekeeping",
+    "rainforests",
+    "the moon landing",
+    "coffee",
+    "earthquakes",
+    "libraries",
+    "electric cars",
+    "migratory birds",
+    "the periodic table",
+    "tea ceremonies",
+    "submarines",
+    "mountaineering",
+    "recycling",
+    "the violin",
 ]
 
 
@@ -121,14 +154,24 @@ def _generated_documents(model, tokenizer, settings: CorpusSettings):
     while True:
         prompts = [rng.choice(STYLES).format(rng.choice(TOPICS)) for _ in range(settings.batch_size)]
         if tokenizer.chat_template:
-            prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                     add_generation_prompt=True) for p in prompts]
+            prompts = [
+                tokenizer.apply_chat_template(
+                    [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+                )
+                for p in prompts
+            ]
         batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         torch.manual_seed(rng.randrange(2**31))
         with torch.inference_mode():
-            out = model.generate(**batch, do_sample=True, temperature=settings.temperature, top_p=settings.top_p,
-                                 max_new_tokens=settings.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
-        for row in out[:, batch["input_ids"].shape[1]:]:
+            out = model.generate(
+                **batch,
+                do_sample=True,
+                temperature=settings.temperature,
+                top_p=settings.top_p,
+                max_new_tokens=settings.max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        for row in out[:, batch["input_ids"].shape[1] :]:
             yield tokenizer.decode(row, skip_special_tokens=True).strip()
 
 
@@ -153,10 +196,16 @@ def build_corpus(model_spec: str, settings: CorpusSettings) -> tuple[dict[str, t
             if have >= needed and (blocks := pack(documents, settings)):
                 break
     if blocks is None:
-        raise CqilError(f"corpus: the {settings.source} source gave {len(documents)} documents, {have} tokens; "
-                          f"the blocks need {needed} tokens of whole documents")
-    summary = {"documents": len(documents), "tokens": {s: blocks[s].numel() for s in SPLITS},
-               "blocks": {s: len(blocks[s]) for s in SPLITS}, "samples": samples}
+        raise CqilError(
+            f"corpus: the {settings.source} source gave {len(documents)} documents, {have} tokens; "
+            f"the blocks need {needed} tokens of whole documents"
+        )
+    summary = {
+        "documents": len(documents),
+        "tokens": {s: blocks[s].numel() for s in SPLITS},
+        "blocks": {s: len(blocks[s]) for s in SPLITS},
+        "samples": samples,
+    }
     return blocks, summary
 
 

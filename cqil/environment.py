@@ -44,8 +44,11 @@ def locked(path=LOCK) -> dict[str, str]:
 def drift(lock: dict[str, str], have: dict[str, str], ignore=UNLOCKED) -> list[tuple[str, str | None, str | None]]:
     """(name, locked version, installed version) for every package that differs; None where one side lacks it."""
     names = sorted((lock.keys() | have.keys()) - set(ignore))
-    return [(name, lock.get(name), have.get(name)) for name in names
-            if public(lock.get(name) or "") != public(have.get(name) or "")]
+    return [
+        (name, lock.get(name), have.get(name))
+        for name in names
+        if public(lock.get(name) or "") != public(have.get(name) or "")
+    ]
 
 
 def changes(old: dict[str, str], new: dict[str, str], both_complete: bool = True) -> list[str]:
@@ -54,7 +57,11 @@ def changes(old: dict[str, str], new: dict[str, str], both_complete: bool = True
     With `both_complete=False` (a record that stored only a few packages) only the names in both count.
     """
     names = (old.keys() | new.keys()) if both_complete else (old.keys() & new.keys())
-    return [f"{name} {old.get(name, '-')} -> {new.get(name, '-')}" for name in sorted(names) if old.get(name) != new.get(name)]
+    return [
+        f"{name} {old.get(name, '-')} -> {new.get(name, '-')}"
+        for name in sorted(names)
+        if old.get(name) != new.get(name)
+    ]
 
 
 def main(argv: list[str]) -> int:

@@ -43,8 +43,9 @@ class EvaluateSettings:
         if self.data_dir is not None and not Path(self.data_dir).is_dir():
             raise CqilError(f"evaluate.data_dir: {self.data_dir!r} is not a directory")
         if self.data_dir is None and (local := [t for t in self.tasks if t.endswith("_local")]):
-            raise CqilError(f"evaluate.tasks: {', '.join(local)}: local tasks need evaluate.data_dir "
-                            f"(the layout of ../shared/data)")
+            raise CqilError(
+                f"evaluate.tasks: {', '.join(local)}: local tasks need evaluate.data_dir (the layout of ../shared/data)"
+            )
 
 
 TASKS = Path(__file__).parent / "tasks"
@@ -59,8 +60,11 @@ def render_tasks(out_dir, data_dir=None, corpus_tasks=None) -> Path:
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    values = {key: str(Path(value).resolve()) for key, value in
-              (("data_dir", data_dir), ("corpus_tasks", corpus_tasks)) if value is not None}
+    values = {
+        key: str(Path(value).resolve())
+        for key, value in (("data_dir", data_dir), ("corpus_tasks", corpus_tasks))
+        if value is not None
+    }
     for template in TASKS.glob("*.yaml"):
         text = Template(template.read_text())
         if all(name in values for name in text.get_identifiers()):
@@ -82,7 +86,7 @@ def build_corpus_tasks(blocks: torch.Tensor, tokenizer, out_dir, choices: int = 
     out_dir.mkdir(parents=True, exist_ok=True)
     cloze = []
     for i, context in enumerate(firsts):
-        options = [seconds[i]] + rng.sample(seconds[:i] + seconds[i + 1:], choices - 1)
+        options = [seconds[i]] + rng.sample(seconds[:i] + seconds[i + 1 :], choices - 1)
         order = rng.sample(range(choices), choices)
         cloze.append({"context": context, "choices": [options[j] for j in order], "answer": order.index(0)})
     with open(out_dir / "heldout.jsonl", "w") as f:
@@ -92,26 +96,44 @@ def build_corpus_tasks(blocks: torch.Tensor, tokenizer, out_dir, choices: int = 
     return out_dir
 
 
-def lm_eval_tasks(model, tokenizer, tasks: list[str], include_path, limit: int | None = None,
-                  batch_size: int = 8, num_fewshot: int | None = None) -> dict:
+def lm_eval_tasks(
+    model,
+    tokenizer,
+    tasks: list[str],
+    include_path,
+    limit: int | None = None,
+    batch_size: int = 8,
+    num_fewshot: int | None = None,
+) -> dict:
     """lm-eval's `simple_evaluate` on the in-memory model: {task: {metric: value, metric_stderr: value}}."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
-              device=str(next(model.parameters()).device))
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(next(model.parameters()).device))
     local = {path.stem for path in Path(include_path).glob("*.yaml")}
     # lm-eval's own tasks (sciq, winogrande, ... from the Hub) only when asked: scanning them takes 13 s
     manager = TaskManager(include_path=str(include_path), include_defaults=not set(tasks) <= local)
-    out = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
-                          bootstrap_iters=1000, random_seed=0, numpy_random_seed=0, torch_random_seed=0)
-    return {task: {key.replace(",none", ""): value for key, value in metrics.items() if key != "alias"}
-            for task, metrics in out["results"].items()}
+    out = simple_evaluate(
+        model=lm,
+        tasks=tasks,
+        task_manager=manager,
+        limit=limit,
+        num_fewshot=num_fewshot,
+        bootstrap_iters=1000,
+        random_seed=0,
+        numpy_random_seed=0,
+        torch_random_seed=0,
+    )
+    return {
+        task: {key.replace(",none", ""): value for key, value in metrics.items() if key != "alias"}
+        for task, metrics in out["results"].items()
+    }
 
 
-def run_evaluate(settings: EvaluateSettings, *, model: str, corpus, out, dtype: str = "auto", plan: Plan | None = None,
-                 adapter=None) -> None:
+def run_evaluate(
+    settings: EvaluateSettings, *, model: str, corpus, out, dtype: str = "auto", plan: Plan | None = None, adapter=None
+) -> None:
     """The stage: lm-eval tasks on the original, a plan (zero-shot) or a plan with its adapter (fine-tuned), as JSON."""
     if adapter and not plan:
         raise CqilError("--adapter needs --plan: adapters are trained for a plan")
@@ -124,12 +146,21 @@ def run_evaluate(settings: EvaluateSettings, *, model: str, corpus, out, dtype: 
     with tempfile.TemporaryDirectory() as tmp:
         corpus_tasks = build_corpus_tasks(blocks, tokenizer, Path(tmp) / "corpus", choices=settings.cloze_choices)
         include = render_tasks(Path(tmp) / "tasks", data_dir=settings.data_dir, corpus_tasks=corpus_tasks)
-        results = lm_eval_tasks(loaded, tokenizer, settings.tasks, include, limit=settings.limit,
-                                batch_size=settings.batch_size)
+        results = lm_eval_tasks(
+            loaded, tokenizer, settings.tasks, include, limit=settings.limit, batch_size=settings.batch_size
+        )
     stage = "finetuned" if adapter else "zeroshot" if plan else "original"
-    write_json(out, {"plan": str(plan) if plan else "original", "stage": stage, "results": results,
-                     "provenance": provenance({"model": model, "dtype": dtype, "adapter": adapter,
-                                               "settings": asdict(settings)}, plan)})
+    write_json(
+        out,
+        {
+            "plan": str(plan) if plan else "original",
+            "stage": stage,
+            "results": results,
+            "provenance": provenance(
+                {"model": model, "dtype": dtype, "adapter": adapter, "settings": asdict(settings)}, plan
+            ),
+        },
+    )
 
 
 def run_quality(inputs, *, out, scores=(), finetune=()) -> None:
@@ -138,8 +169,18 @@ def run_quality(inputs, *, out, scores=(), finetune=()) -> None:
     files) and the held-out perplexity, KL and top-1 agreement (`cqil score` and `cqil finetune` files)."""
 
     def rows_of(plan, stage, task, metrics, names):
-        return [{"plan": plan, "stage": stage, "task": task, "metric": name, "value": metrics[name],
-                 "stderr": metrics.get(f"{name}_stderr")} for name in names if name in metrics]
+        return [
+            {
+                "plan": plan,
+                "stage": stage,
+                "task": task,
+                "metric": name,
+                "value": metrics[name],
+                "stderr": metrics.get(f"{name}_stderr"),
+            }
+            for name in names
+            if name in metrics
+        ]
 
     rows = []
     for i, path in enumerate(scores):
@@ -156,5 +197,6 @@ def run_quality(inputs, *, out, scores=(), finetune=()) -> None:
     long = pd.DataFrame(rows)
     write_csv(out, long)
     table = long.assign(column=long.task + " " + long.metric).pivot_table(
-        index=["plan", "stage"], columns="column", values="value", sort=False)
+        index=["plan", "stage"], columns="column", values="value", sort=False
+    )
     write_markdown(Path(out).with_suffix(".md"), table.reset_index())

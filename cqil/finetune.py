@@ -98,8 +98,14 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float, re
 
 def lora_config(plan: Plan, num_layers: int, settings: FinetuneSettings) -> LoraConfig:
     layers = list(range(plan.start, plan.end)) if settings.lora_layers == "grouped" else list(range(num_layers))
-    return LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
-                      target_modules=settings.target_modules, layers_to_transform=layers, task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=settings.lora_r,
+        lora_alpha=settings.lora_alpha,
+        lora_dropout=settings.lora_dropout,
+        target_modules=settings.target_modules,
+        layers_to_transform=layers,
+        task_type="CAUSAL_LM",
+    )
 
 
 def student_loss(student, input_ids: torch.Tensor, settings: FinetuneSettings, forward=None) -> torch.Tensor:
@@ -136,8 +142,12 @@ def micro_batch(n_blocks: int, settings: FinetuneSettings, step: int, micro: int
     """Block indices of micro-batch `micro` of step `step`: epochs are seeded permutations of the blocks,
     read in order, so the batches of any step are known without replaying the steps before it."""
     first = (step * settings.grad_accum + micro) * settings.batch_size
-    return torch.tensor([_epoch_order(n_blocks, settings.seed, q // n_blocks)[q % n_blocks]
-                         for q in range(first, first + settings.batch_size)])
+    return torch.tensor(
+        [
+            _epoch_order(n_blocks, settings.seed, q // n_blocks)[q % n_blocks]
+            for q in range(first, first + settings.batch_size)
+        ]
+    )
 
 
 @functools.lru_cache(maxsize=8)
@@ -151,22 +161,33 @@ def _mixed_precision(choice: str) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
-def finetune(model, plan: Plan, blocks: torch.Tensor, settings: FinetuneSettings, out_dir,
-             eval_blocks: torch.Tensor | None = None, checkpoint_dir=None) -> dict:
+def finetune(
+    model,
+    plan: Plan,
+    blocks: torch.Tensor,
+    settings: FinetuneSettings,
+    out_dir,
+    eval_blocks: torch.Tensor | None = None,
+    checkpoint_dir=None,
+) -> dict:
     """Fine-tune LoRA adapters for `plan`; writes `out_dir`/adapter (peft format) and losses.csv.
 
     Returns the summary: steps, seconds, first and last loss, and held-out divergence before/after.
     """
     out_dir = Path(out_dir)
     checkpoint = Path(checkpoint_dir or out_dir / "checkpoint")
-    accelerator = Accelerator(mixed_precision=_mixed_precision(settings.mixed_precision), cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(
+        mixed_precision=_mixed_precision(settings.mixed_precision), cpu=not torch.cuda.is_available()
+    )
     set_seed(settings.seed)
     apply_plan(model, plan)
     student = get_peft_model(model, lora_config(plan, len(decoder_layers(model)), settings))
-    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=settings.lr,
-                                  weight_decay=settings.weight_decay)
-    scheduler = get_scheduler(settings.schedule, optimizer, num_warmup_steps=settings.warmup_steps,
-                              num_training_steps=settings.steps)
+    optimizer = torch.optim.AdamW(
+        [p for p in student.parameters() if p.requires_grad], lr=settings.lr, weight_decay=settings.weight_decay
+    )
+    scheduler = get_scheduler(
+        settings.schedule, optimizer, num_warmup_steps=settings.warmup_steps, num_training_steps=settings.steps
+    )
     # The scheduler stays outside `prepare`: accelerate's wrapper steps it once per process per step.
     student, optimizer = accelerator.prepare(student, optimizer)
     accelerator.register_for_checkpointing(scheduler)
@@ -192,7 +213,7 @@ def finetune(model, plan: Plan, blocks: torch.Tensor, settings: FinetuneSettings
         total = 0.0
         for micro in range(settings.grad_accum):
             ids = blocks[micro_batch(len(blocks), settings, step, micro)]
-            ids = ids[accelerator.process_index:: accelerator.num_processes].to(accelerator.device)
+            ids = ids[accelerator.process_index :: accelerator.num_processes].to(accelerator.device)
             loss = student_loss(inner, ids, settings, forward=student) / settings.grad_accum
             accelerator.backward(loss)
             total += loss.item()
@@ -212,9 +233,17 @@ def finetune(model, plan: Plan, blocks: torch.Tensor, settings: FinetuneSettings
     if accelerator.is_main_process:
         _save_adapter(inner, out_dir / "adapter")
     after = divergence(inner, eval_blocks) if eval_blocks is not None else None
-    summary = {"plan": str(plan), "steps": settings.steps, "resumed_at": start, "seconds_this_run": seconds,
-               "first_loss": rows[0]["loss"] if rows else None, "last_loss": rows[-1]["loss"] if rows else None,
-               "heldout_before": before, "heldout_after": after, "settings": asdict(settings)}
+    summary = {
+        "plan": str(plan),
+        "steps": settings.steps,
+        "resumed_at": start,
+        "seconds_this_run": seconds,
+        "first_loss": rows[0]["loss"] if rows else None,
+        "last_loss": rows[-1]["loss"] if rows else None,
+        "heldout_before": before,
+        "heldout_after": after,
+        "settings": asdict(settings),
+    }
     return summary
 
 
@@ -256,8 +285,9 @@ def _save_adapter(student, target: Path) -> None:
     os.replace(staged, target)
 
 
-def run_finetune(settings: FinetuneSettings, *, model: str, plan: Plan, corpus, out_dir, summary, dtype: str = "auto",
-                 figure=None) -> None:
+def run_finetune(
+    settings: FinetuneSettings, *, model: str, plan: Plan, corpus, out_dir, summary, dtype: str = "auto", figure=None
+) -> None:
     """The stage: fine-tune `plan`'s adapters (resuming from `out_dir`'s checkpoint), write the summary JSON
     and, with `figure`, the loss curve."""
     import pandas as pd
@@ -266,8 +296,10 @@ def run_finetune(settings: FinetuneSettings, *, model: str, plan: Plan, corpus, 
 
     blocks, held_out = load_split(corpus, settings.split), load_split(corpus, settings.eval_split)
     found = finetune(load_model(model, dtype=dtype)[0], plan, blocks, settings, out_dir, eval_blocks=held_out)
-    write_json(summary, found | {"provenance": provenance({"model": model, "dtype": dtype, "settings": asdict(settings)},
-                                                          plan)})
+    write_json(
+        summary,
+        found | {"provenance": provenance({"model": model, "dtype": dtype, "settings": asdict(settings)}, plan)},
+    )
     if figure:
         loss_figure(pd.read_csv(Path(out_dir) / "losses.csv"), f"{plan}: fine-tuning", figure)
 
@@ -276,7 +308,22 @@ def run_finetuned_table(inputs, *, out) -> None:
     """The stage: the `cqil finetune` summaries as one CSV (`finetuned.csv`), each plan's losses and held-out
     quality before and after fine-tuning."""
     records = [json.loads(Path(path).read_text()) for path in inputs]
-    write_csv(out, pd.DataFrame([
-        {"plan": r["plan"], "steps": r["steps"], "first_loss": r["first_loss"], "last_loss": r["last_loss"],
-         **{f"{key}_{when}": (r[f"heldout_{when}"] or {}).get(key) for when in ("before", "after")
-            for key in ("perplexity", "kl", "top1")}} for r in records]))
+    write_csv(
+        out,
+        pd.DataFrame(
+            [
+                {
+                    "plan": r["plan"],
+                    "steps": r["steps"],
+                    "first_loss": r["first_loss"],
+                    "last_loss": r["last_loss"],
+                    **{
+                        f"{key}_{when}": (r[f"heldout_{when}"] or {}).get(key)
+                        for when in ("before", "after")
+                        for key in ("perplexity", "kl", "top1")
+                    },
+                }
+                for r in records
+            ]
+        ),
+    )

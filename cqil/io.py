@@ -69,8 +69,9 @@ def git_sha() -> str:
     """The checkout's commit, with `-dirty` when it has uncommitted changes; `unknown` outside git."""
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=True
+        ).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -103,8 +104,12 @@ def _cpu_model() -> str:
 
 def _gpu_driver() -> str:
     with contextlib.suppress(OSError, subprocess.CalledProcessError):
-        return subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                              capture_output=True, text=True, check=True).stdout.split()[0]
+        return subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()[0]
     return "unknown"
 
 
@@ -112,9 +117,18 @@ def machine() -> dict:
     """The host: CPU model and cores, torch version, and the GPU torch sees (name, count, driver, CUDA)."""
     import torch
 
-    info = {"host": platform.node(), "cpu": _cpu_model(), "cores": os.cpu_count(),
-            "python": platform.python_version(), "torch": torch.__version__}
+    info = {
+        "host": platform.node(),
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
     if torch.cuda.is_available():
-        info |= {"gpu": torch.cuda.get_device_name(), "gpus": torch.cuda.device_count(),
-                 "driver": _gpu_driver(), "cuda": torch.version.cuda}
+        info |= {
+            "gpu": torch.cuda.get_device_name(),
+            "gpus": torch.cuda.device_count(),
+            "driver": _gpu_driver(),
+            "cuda": torch.version.cuda,
+        }
     return info

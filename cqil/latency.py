@@ -40,8 +40,15 @@ from .plan import ENGINES, Plan, Setup
 from .report import latency_figure
 from .runtime import cqil, tp
 from .transform import planned
-SHAPE = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-         "vocab_size")  # what the simulator needs to know of the model
+
+SHAPE = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+)  # what the simulator needs to know of the model
 
 
 @dataclass(frozen=True)
@@ -91,9 +98,15 @@ def prompts(vocab: int, batch: int, length: int, seed: int, pad: int = 0):
 
 def forward(model, ids, mask, cache, keep: int):
     """One cached forward of `ids` (B, T); `mask` covers the cache and `ids`; logits of the last `keep` positions (0: all)."""
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
-    return model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=keep,
-                 **with_cache(cache)).logits
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]
+    return model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=positions,
+        use_cache=True,
+        logits_to_keep=keep,
+        **with_cache(cache),
+    ).logits
 
 
 @torch.no_grad()
@@ -119,14 +132,23 @@ def generate(model, ids, mask, new_tokens: int, keep: int = 1, forced=None, sync
 
 def stats(seconds) -> dict:
     ms = np.asarray(seconds) * 1e3
-    return {"median_ms": float(np.median(ms)), "p10_ms": float(np.percentile(ms, 10)),
-            "p90_ms": float(np.percentile(ms, 90)), "samples_ms": [round(float(x), 4) for x in ms]}
+    return {
+        "median_ms": float(np.median(ms)),
+        "p10_ms": float(np.percentile(ms, 10)),
+        "p90_ms": float(np.percentile(ms, 90)),
+        "samples_ms": [round(float(x), 4) for x in ms],
+    }
 
 
 def reference_run(model, settings: LatencySettings, device):
     """The check's padded batch and the reference logits and greedy tokens on it."""
-    ids, mask = prompts(model.config.vocab_size, settings.check_batch_size, settings.check_length,
-                        settings.seed + 1, pad=settings.check_length // 4 if settings.check_batch_size > 1 else 0)
+    ids, mask = prompts(
+        model.config.vocab_size,
+        settings.check_batch_size,
+        settings.check_length,
+        settings.seed + 1,
+        pad=settings.check_length // 4 if settings.check_batch_size > 1 else 0,
+    )
     ids, mask = ids.to(device), mask.to(device)
     logits, _ = generate(model, ids, mask, settings.check_new_tokens, keep=0)
     forced = torch.stack([step[:, -1].argmax(-1) for step in logits[:-1]], dim=1)
@@ -140,13 +162,19 @@ def compare(model, reference) -> dict:
     real = mask.bool()  # prefill positions that are tokens, not padding
     pairs = [(logits[0][real], expected[0][real])] + [(a[:, -1], b[:, -1]) for a, b in zip(logits[1:], expected[1:])]
     got, want = torch.cat([a for a, _ in pairs]).double(), torch.cat([b for _, b in pairs]).double()
-    return {"max_abs_diff": float((got - want).abs().max()), "argmax_agreement": float((got.argmax(-1) == want.argmax(-1)).double().mean()),
-            "reference_max_abs": float(want.abs().max()), "positions": len(got), "batch_size": len(ids),
-            "decode_steps": forced.shape[1]}
+    return {
+        "max_abs_diff": float((got - want).abs().max()),
+        "argmax_agreement": float((got.argmax(-1) == want.argmax(-1)).double().mean()),
+        "reference_max_abs": float(want.abs().max()),
+        "positions": len(got),
+        "batch_size": len(ids),
+        "decode_steps": forced.shape[1],
+    }
 
 
-def time_generation(model, ranks, settings: LatencySettings, length: int, sync, progress, baseline=None,
-                    interleaved: bool = False) -> list[dict]:
+def time_generation(
+    model, ranks, settings: LatencySettings, length: int, sync, progress, baseline=None, interleaved: bool = False
+) -> list[dict]:
     """Prefill and per-token decode latency for one prompt length.
 
     With `interleaved`, rank 0 also times the 1-rank `baseline` (the original model) after each repeat
@@ -156,7 +184,7 @@ def time_generation(model, ranks, settings: LatencySettings, length: int, sync, 
     ids, mask = ids.to(ranks.device), mask.to(ranks.device)
     seconds = {"": ([], []), "baseline_": ([], [])}  # (prefill, decode per token) of the engine and the baseline
     for repeat in range(settings.warmup + settings.repeats):
-        for prefix, timed in [("", model), ("baseline_", baseline)][:2 if interleaved else 1]:
+        for prefix, timed in [("", model), ("baseline_", baseline)][: 2 if interleaved else 1]:
             ranks.barrier()
             if timed is None:  # a rank > 0 while rank 0 times the baseline
                 continue
@@ -166,9 +194,19 @@ def time_generation(model, ranks, settings: LatencySettings, length: int, sync, 
                 seconds[prefix][1].append((clock[2] - clock[1]) / max(settings.new_tokens, 1))
         progress.update()
     shape = {"tokens": length, "batch_size": settings.batch_size, "new_tokens": settings.new_tokens}
-    return [{"phase": phase, **shape, **{f"{prefix}{key}": value for prefix, times in seconds.items() if times[i]
-                                          for key, value in stats(times[i]).items()}}
-            for i, phase in enumerate(("prefill", "decode"))]
+    return [
+        {
+            "phase": phase,
+            **shape,
+            **{
+                f"{prefix}{key}": value
+                for prefix, times in seconds.items()
+                if times[i]
+                for key, value in stats(times[i]).items()
+            },
+        }
+        for i, phase in enumerate(("prefill", "decode"))
+    ]
 
 
 @torch.no_grad()
@@ -185,7 +223,9 @@ def time_parts(model, settings: LatencySettings, length: int, device, sync) -> d
         sync()
         spans.append(time.perf_counter() - start["t"])
 
-    hooks = [h for layer in layers for h in (layer.register_forward_pre_hook(before), layer.register_forward_hook(after))]
+    hooks = [
+        h for layer in layers for h in (layer.register_forward_pre_hook(before), layer.register_forward_hook(after))
+    ]
     try:
         ids, mask = prompts(model.config.vocab_size, settings.batch_size, length, settings.seed)
         _, clock = generate(model, ids.to(device), mask.to(device), settings.new_tokens, sync=sync)
@@ -194,11 +234,15 @@ def time_parts(model, settings: LatencySettings, length: int, device, sync) -> d
             hook.remove()
     steps, count = max(settings.new_tokens, 1), len(layers)
     prefill_layers, decode_layers = sum(spans[:count]), sum(spans[count:]) / steps
-    return {"tokens": length, "batch_size": settings.batch_size, "layers": count,
-            "prefill_layer_ms": 1e3 * prefill_layers / count,
-            "prefill_rest_ms": 1e3 * (clock[1] - clock[0] - prefill_layers),
-            "decode_layer_ms": 1e3 * decode_layers / count,
-            "decode_rest_ms": 1e3 * ((clock[2] - clock[1]) / steps - decode_layers)}
+    return {
+        "tokens": length,
+        "batch_size": settings.batch_size,
+        "layers": count,
+        "prefill_layer_ms": 1e3 * prefill_layers / count,
+        "prefill_rest_ms": 1e3 * (clock[1] - clock[0] - prefill_layers),
+        "decode_layer_ms": 1e3 * decode_layers / count,
+        "decode_rest_ms": 1e3 * ((clock[2] - clock[1]) / steps - decode_layers),
+    }
 
 
 def time_allreduce(ranks, settings: LatencySettings, hidden: int, dtype, sync) -> list[dict]:
@@ -214,8 +258,14 @@ def time_allreduce(ranks, settings: LatencySettings, hidden: int, dtype, sync) -
             torch.distributed.all_reduce(message)
             sync()
             seconds.append(time.perf_counter() - start)
-        records.append({"tokens": tokens, "bytes": message.numel() * message.element_size(), "ranks": ranks.world,
-                        **stats(seconds[5:])})
+        records.append(
+            {
+                "tokens": tokens,
+                "bytes": message.numel() * message.element_size(),
+                "ranks": ranks.world,
+                **stats(seconds[5:]),
+            }
+        )
     return records
 
 
@@ -237,8 +287,10 @@ def check_failure(check: dict, setup: Setup, dtype) -> str | None:
     if diff <= limit:  # NaN fails
         return None
     what = f"plan {setup.plan}" if setup.plan else f"degree {setup.degree}"
-    return (f"engine {setup.engine}, {what}: check failed, max |logit difference| {diff:.3g} against the single-process "
-            f"reference exceeds {limit:.3g} ({name}); no timing was written")
+    return (
+        f"engine {setup.engine}, {what}: check failed, max |logit difference| {diff:.3g} against the single-process "
+        f"reference exceeds {limit:.3g} ({name}); no timing was written"
+    )
 
 
 def shard(model, setup: Setup, ranks, settings: LatencySettings):
@@ -257,7 +309,9 @@ def shard(model, setup: Setup, ranks, settings: LatencySettings):
     return model, compare(model, reference) | effect
 
 
-def measure(spec: str, setup: Setup, settings: LatencySettings, dtype: str = "auto", device: str = "auto") -> dict | None:
+def measure(
+    spec: str, setup: Setup, settings: LatencySettings, dtype: str = "auto", device: str = "auto"
+) -> dict | None:
     """Run the setup's engine on this rank; rank 0 returns the result (records, check, parts), the others None."""
     ranks = runtime.init(settings.timeout, device)
     if ranks.world != setup.ranks:
@@ -294,26 +348,50 @@ def measure(spec: str, setup: Setup, settings: LatencySettings, dtype: str = "au
     ranks.close()
     if ranks.rank != 0:
         return None
-    return {"model": spec, "engine": setup.engine, "plan": str(setup.plan) if setup.plan else None,
-            "degree": setup.degree if setup.engine == "tp" else None, "ranks": setup.ranks,
-            "device": ranks.device.type, "backend": backend, "rank0_cores": cores,  # None: not bound (runtime.pin)
-            "dtype": str(model.dtype).removeprefix("torch."),
-            "layers": model.config.num_hidden_layers, "shape": {key: getattr(model.config, key) for key in SHAPE},
-            "check": check, "records": records, "parts": parts,
-            "allreduce": allreduce}
+    return {
+        "model": spec,
+        "engine": setup.engine,
+        "plan": str(setup.plan) if setup.plan else None,
+        "degree": setup.degree if setup.engine == "tp" else None,
+        "ranks": setup.ranks,
+        "device": ranks.device.type,
+        "backend": backend,
+        "rank0_cores": cores,  # None: not bound (runtime.pin)
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "layers": model.config.num_hidden_layers,
+        "shape": {key: getattr(model.config, key) for key in SHAPE},
+        "check": check,
+        "records": records,
+        "parts": parts,
+        "allreduce": allreduce,
+    }
 
 
 def table(results: list[dict]):
     """One row per setup, phase and prompt length, with the reduction against the 1-thread (1-rank) original:
     timed in the same run where the engine interleaved it (`baseline: same run`), else the original's own run."""
-    rows = [{"model": result["model"], "setup": str(setup), "engine": result["engine"],
-             "ranks": result["ranks"], "threads": record["threads"], "phase": record["phase"], "tokens": record["tokens"],
-             "batch_size": record["batch_size"], "median_ms": record["median_ms"], "p10_ms": record["p10_ms"],
-             "p90_ms": record["p90_ms"], "baseline_ms": record.get("baseline_median_ms"),
-             "baseline": "same run" if "baseline_median_ms" in record else "separate run",
-             "ideal": setup.ideal(result["layers"]), "check_max_abs_diff": (result["check"] or {}).get("max_abs_diff")}
-            for result in results for record in result["records"]
-            for setup in [result_setup(result, record["threads"])]]
+    rows = [
+        {
+            "model": result["model"],
+            "setup": str(setup),
+            "engine": result["engine"],
+            "ranks": result["ranks"],
+            "threads": record["threads"],
+            "phase": record["phase"],
+            "tokens": record["tokens"],
+            "batch_size": record["batch_size"],
+            "median_ms": record["median_ms"],
+            "p10_ms": record["p10_ms"],
+            "p90_ms": record["p90_ms"],
+            "baseline_ms": record.get("baseline_median_ms"),
+            "baseline": "same run" if "baseline_median_ms" in record else "separate run",
+            "ideal": setup.ideal(result["layers"]),
+            "check_max_abs_diff": (result["check"] or {}).get("max_abs_diff"),
+        }
+        for result in results
+        for record in result["records"]
+        for setup in [result_setup(result, record["threads"])]
+    ]
     frame = pd.DataFrame(rows)
     key = ["phase", "tokens", "batch_size"]
     own = frame[(frame.engine == "original") & (frame.threads == 1)].set_index(key)["median_ms"]
@@ -324,8 +402,18 @@ def table(results: list[dict]):
     return frame
 
 
-def run_latency(settings: LatencySettings, *, model: str, engine: str, out, argv: list[str], plan: Plan | None = None,
-                degree: int | None = None, dtype: str = "auto", device: str = "auto") -> None:
+def run_latency(
+    settings: LatencySettings,
+    *,
+    model: str,
+    engine: str,
+    out,
+    argv: list[str],
+    plan: Plan | None = None,
+    degree: int | None = None,
+    dtype: str = "auto",
+    device: str = "auto",
+) -> None:
     """The stage: prefill and decode latency of one engine (original, cqil or tp), checked against a 1-process
     reference in the same run. cqil and tp run on several ranks: outside torchrun this starts torchrun itself
     (with `argv`, this command's own arguments)."""
@@ -339,9 +427,24 @@ def run_latency(settings: LatencySettings, *, model: str, engine: str, out, argv
         return runtime.launch(["-m", "cqil", *argv], setup.ranks)
     result = measure(model, setup, settings, dtype, device)
     if result is not None:  # rank 0
-        write_json(out, {**result, "settings": asdict(settings), "provenance": provenance(
-            {"model": model, "engine": engine, "degree": degree, "dtype": dtype, "device": device,
-             "settings": asdict(settings)}, plan)})
+        write_json(
+            out,
+            {
+                **result,
+                "settings": asdict(settings),
+                "provenance": provenance(
+                    {
+                        "model": model,
+                        "engine": engine,
+                        "degree": degree,
+                        "dtype": dtype,
+                        "device": device,
+                        "settings": asdict(settings),
+                    },
+                    plan,
+                ),
+            },
+        )
 
 
 def run_latency_table(inputs, *, out, figure=None, title: str = "") -> None:
@@ -355,6 +458,7 @@ def run_latency_table(inputs, *, out, figure=None, title: str = "") -> None:
 
 
 # --- One decoder layer of a named shape (the GPU script: scripts/gpu_checks.sh) ----------------------
+
 
 def _time(call, warmup: int, repeats: int, sync, graphs: bool) -> list[float]:
     """Seconds per call of `call`; with `graphs`, of the replay of a CUDA graph captured from it."""
@@ -380,8 +484,16 @@ def _time(call, warmup: int, repeats: int, sync, graphs: bool) -> list[float]:
 
 
 @torch.no_grad()
-def layer_latency(shape: str, lengths: list[int], context: int, dtype: str = "bfloat16", device: str = "cuda",
-                  graphs: bool = False, warmup: int = 5, repeats: int = 20) -> list[dict]:
+def layer_latency(
+    shape: str,
+    lengths: list[int],
+    context: int,
+    dtype: str = "bfloat16",
+    device: str = "cuda",
+    graphs: bool = False,
+    warmup: int = 5,
+    repeats: int = 20,
+) -> list[dict]:
     """Prefill of T tokens and one decode step over a `context`-token static KV cache, for one decoder
     layer of `random:<shape>` with random weights: the per-layer time the simulator scales from."""
     if graphs and not str(device).startswith("cuda"):
@@ -398,31 +510,77 @@ def layer_latency(shape: str, lengths: list[int], context: int, dtype: str = "bf
         hidden = torch.randn(1, tokens, config.hidden_size, dtype=DTYPES[dtype], device=device)
         positions = torch.arange(tokens, device=device)[None]
         embeddings = rotary(hidden, positions)
-        seconds = _time(lambda: layer(hidden, position_embeddings=embeddings, position_ids=positions),
-                        warmup, repeats, sync, graphs)
+        seconds = _time(
+            lambda: layer(hidden, position_embeddings=embeddings, position_ids=positions), warmup, repeats, sync, graphs
+        )
         records.append({"phase": "prefill", "tokens": tokens, **stats(seconds)})
     cache = StaticCache(config=config, max_cache_len=context + 1)
     hidden = torch.randn(1, 1, config.hidden_size, dtype=DTYPES[dtype], device=device)
     position = torch.tensor([[context]], device=device)
     embeddings, cache_position = rotary(hidden, position), position[0]
-    step = lambda: layer(hidden, position_embeddings=embeddings, position_ids=position,  # noqa: E731
-                         use_cache=True, cache_position=cache_position, **with_cache(cache))
+    step = lambda: layer(
+        hidden,
+        position_embeddings=embeddings,
+        position_ids=position,  # noqa: E731
+        use_cache=True,
+        cache_position=cache_position,
+        **with_cache(cache),
+    )
     records.append({"phase": "decode", "tokens": context, **stats(_time(step, warmup, repeats, sync, graphs))})
     weights = sum(p.numel() * p.element_size() for p in layer.parameters())
-    return [{"shape": shape, "dtype": dtype, "device": str(device), "graphs": graphs, "layer_bytes": weights,
-             "batch_size": 1, **record} for record in records]
+    return [
+        {
+            "shape": shape,
+            "dtype": dtype,
+            "device": str(device),
+            "graphs": graphs,
+            "layer_bytes": weights,
+            "batch_size": 1,
+            **record,
+        }
+        for record in records
+    ]
 
 
-def run_layer_latency(*, out, shapes=("llama-7b", "llama-13b", "llama-33b"), lengths=(128, 512, 2048), context: int = 2048,
-                      dtype: str = "bfloat16", device: str = "cuda", modes=("eager", "graphs"), warmup: int = 5,
-                      repeats: int = 20) -> None:
+def run_layer_latency(
+    *,
+    out,
+    shapes=("llama-7b", "llama-13b", "llama-33b"),
+    lengths=(128, 512, 2048),
+    context: int = 2048,
+    dtype: str = "bfloat16",
+    device: str = "cuda",
+    modes=("eager", "graphs"),
+    warmup: int = 5,
+    repeats: int = 20,
+) -> None:
     """The stage: per-layer prefill and decode latency of named LLaMA shapes with random weights (eager, CUDA
     graphs), as JSON records and a Markdown table on stdout (the GPU script, scripts/gpu_checks.sh)."""
-    records = [record for shape in shapes for mode in modes
-               for record in layer_latency(shape, lengths, context, dtype, device, graphs=mode == "graphs",
-                                           warmup=warmup, repeats=repeats)]
-    write_json(out, {"records": records, "provenance": provenance(
-        {"shapes": shapes, "lengths": lengths, "context": context, "dtype": dtype, "device": device, "modes": modes,
-         "warmup": warmup, "repeats": repeats})})
+    records = [
+        record
+        for shape in shapes
+        for mode in modes
+        for record in layer_latency(
+            shape, lengths, context, dtype, device, graphs=mode == "graphs", warmup=warmup, repeats=repeats
+        )
+    ]
+    write_json(
+        out,
+        {
+            "records": records,
+            "provenance": provenance(
+                {
+                    "shapes": shapes,
+                    "lengths": lengths,
+                    "context": context,
+                    "dtype": dtype,
+                    "device": device,
+                    "modes": modes,
+                    "warmup": warmup,
+                    "repeats": repeats,
+                }
+            ),
+        },
+    )
     columns = ["shape", "graphs", "phase", "tokens", "median_ms", "p10_ms", "p90_ms"]
     print(pd.DataFrame(records)[columns].to_markdown(index=False, floatfmt=".4g"))

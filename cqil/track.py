@@ -36,9 +36,13 @@ class Threshold:
 
 
 DEFAULT_THRESHOLDS = {
-    "perplexity": Threshold("lower", 0.05), "kl": Threshold("lower", 0.10), "top1": Threshold("higher", 0.02, False),
-    "acc": Threshold("higher", 0.02, False), "word_perplexity": Threshold("lower", 0.05),
-    "reduction": Threshold("higher", 0.05, False), "plans_per_minute": Threshold("higher", 0.20),
+    "perplexity": Threshold("lower", 0.05),
+    "kl": Threshold("lower", 0.10),
+    "top1": Threshold("higher", 0.02, False),
+    "acc": Threshold("higher", 0.02, False),
+    "word_perplexity": Threshold("lower", 0.05),
+    "reduction": Threshold("higher", 0.05, False),
+    "plans_per_minute": Threshold("higher", 0.20),
     "seconds": Threshold("lower", 0.50),
 }
 
@@ -56,7 +60,9 @@ class TrackSettings:
             except TypeError:
                 raise CqilError(f"track.thresholds.{kind}: {given!r} needs the keys {allowed}") from None
             if threshold.direction not in ("lower", "higher"):
-                raise CqilError(f"track.thresholds.{kind}.direction: {threshold.direction!r} is not one of lower, higher")
+                raise CqilError(
+                    f"track.thresholds.{kind}.direction: {threshold.direction!r} is not one of lower, higher"
+                )
 
     def threshold(self, kind: str) -> Threshold | None:
         given = self.thresholds.get(kind)
@@ -64,6 +70,7 @@ class TrackSettings:
 
 
 # --- One record from a run's artifacts -------------------------------------------------------------
+
 
 def metrics(run_dir: Path, logs: Path) -> dict[str, float]:
     """The key numbers of one run, `model/what/.../kind -> value`."""
@@ -76,7 +83,9 @@ def metrics(run_dir: Path, logs: Path) -> dict[str, float]:
                     found[f"{model}/{row.plan}/{row.stage}/{row.task}/{row.metric}"] = float(row.value)
         if (path := model_dir / "latency.csv").exists():
             for row in pd.read_csv(path).itertuples():
-                if row.reduction == row.reduction and not (row.engine == "original" and row.threads == 1):  # the baseline
+                if row.reduction == row.reduction and not (
+                    row.engine == "original" and row.threads == 1
+                ):  # the baseline
                     found[f"{model}/latency/{row.setup}/{row.phase}-{row.tokens}/reduction"] = float(row.reduction)
         if (path := model_dir / "search.json").exists():
             found[f"{model}/search/plans_per_minute"] = float(json.loads(path.read_text())["plans_per_minute"])
@@ -88,13 +97,21 @@ def metrics(run_dir: Path, logs: Path) -> dict[str, float]:
 
 def record(run_dir, logs, config: dict, config_name: str, label: str | None = None) -> dict:
     sha = git_sha()
-    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "label": label,
-            "git": sha.removesuffix("-dirty"), "dirty": sha.endswith("-dirty"), "machine": machine(),
-            "config": config_name, "config_hash": settings_hash(config), "packages": installed(),
-            "metrics": metrics(Path(run_dir), Path(logs))}
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "label": label,
+        "git": sha.removesuffix("-dirty"),
+        "dirty": sha.endswith("-dirty"),
+        "machine": machine(),
+        "config": config_name,
+        "config_hash": settings_hash(config),
+        "packages": installed(),
+        "metrics": metrics(Path(run_dir), Path(logs)),
+    }
 
 
 # --- The history: append only ----------------------------------------------------------------------
+
 
 def append(history, entry: dict) -> None:
     """Add one line; earlier lines are never rewritten (one write of a whole line, then fsync)."""
@@ -128,13 +145,17 @@ def find(records: list[dict], baseline: str) -> dict | None:
 
 # --- Comparing two records -------------------------------------------------------------------------
 
+
 def package_changes(new: dict, old: dict) -> list[str]:
     """`name old -> new` for each package whose version differs between the records' environments.
 
     Records written before every package was stored hold six (`versions`); then only those count.
     """
+
     def stored(record):
-        return {canonical(name): version for name, version in (record.get("packages") or record.get("versions", {})).items()}
+        return {
+            canonical(name): version for name, version in (record.get("packages") or record.get("versions", {})).items()
+        }
 
     return changes(stored(old), stored(new), both_complete="packages" in new and "packages" in old)
 
@@ -151,12 +172,26 @@ def compare(new: dict, old: dict, settings: TrackSettings) -> pd.DataFrame:
     for name in sorted(set(new["metrics"]) | set(old["metrics"])):
         before, after = old["metrics"].get(name), new["metrics"].get(name)
         limit = settings.threshold(name.rsplit("/", 1)[-1])
-        status = "new" if before is None else "missing" if after is None else "untracked" if limit is None else \
-            judge(before, after, limit)
-        rows.append({"metric": name, "old": before, "new": after,
-                     "change": None if before is None or after is None else after - before,
-                     "better": limit.direction if limit else None, "status": status,
-                     "packages": shown if status in ("regression", "improvement") else None})
+        status = (
+            "new"
+            if before is None
+            else "missing"
+            if after is None
+            else "untracked"
+            if limit is None
+            else judge(before, after, limit)
+        )
+        rows.append(
+            {
+                "metric": name,
+                "old": before,
+                "new": after,
+                "change": None if before is None or after is None else after - before,
+                "better": limit.direction if limit else None,
+                "status": status,
+                "packages": shown if status in ("regression", "improvement") else None,
+            }
+        )
     return pd.DataFrame(rows, columns=["metric", "old", "new", "change", "better", "status", "packages"])
 
 
@@ -169,6 +204,7 @@ def judge(before: float, after: float, limit: Threshold) -> str:
 
 
 # --- Trends and dashboards -------------------------------------------------------------------------
+
 
 def benchmark_json(entry: dict, settings: TrackSettings) -> dict[str, list[dict]]:
     """The record in github-action-benchmark's custom formats: {tool: [{name, unit, value}]}."""
@@ -184,16 +220,39 @@ def benchmark_json(entry: dict, settings: TrackSettings) -> dict[str, list[dict]
 
 def trends(records: list[dict]) -> pd.DataFrame:
     """Long table of every metric of every record: record index, date, git, metric, kind, value."""
-    return pd.DataFrame([{"record": i, "date": r["date"], "git": r["git"][:8], "metric": name,
-                          "kind": name.rsplit("/", 1)[-1], "value": value}
-                         for i, r in enumerate(records) for name, value in r["metrics"].items()])
+    return pd.DataFrame(
+        [
+            {
+                "record": i,
+                "date": r["date"],
+                "git": r["git"][:8],
+                "metric": name,
+                "kind": name.rsplit("/", 1)[-1],
+                "value": value,
+            }
+            for i, r in enumerate(records)
+            for name, value in r["metrics"].items()
+        ]
+    )
 
 
 # --- The stage ------------------------------------------------------------------------------------
 
-def run_track(settings: TrackSettings, action: str, *, history="results/history.jsonl", run_dir=None, logs=None,
-              config: str = "{}", config_name: str = "", out=None, baseline=None, fail_on_regression: bool = False,
-              out_dir=None) -> int:
+
+def run_track(
+    settings: TrackSettings,
+    action: str,
+    *,
+    history="results/history.jsonl",
+    run_dir=None,
+    logs=None,
+    config: str = "{}",
+    config_name: str = "",
+    out=None,
+    baseline=None,
+    fail_on_regression: bool = False,
+    out_dir=None,
+) -> int:
     """The stage: `record` this run in the history; and the commands `compare` (the newest record against the
     previous one and a baseline) and `trends` (figures, github-action-benchmark files). Returns the exit status,
     1 when `fail_on_regression` and a metric regressed."""

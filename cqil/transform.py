@@ -69,8 +69,10 @@ def check_layer_types(config, plan: Plan) -> None:
     types = getattr(config, "layer_types", None)
     for group in plan.groups() if types else ():
         if len({types[i] for i in group}) > 1:
-            raise PlanError(f"plan {plan}: group {group.start}-{group.stop - 1} mixes attention types "
-                            f"{sorted({types[i] for i in group})}; choose groups within one type")
+            raise PlanError(
+                f"plan {plan}: group {group.start}-{group.stop - 1} mixes attention types "
+                f"{sorted({types[i] for i in group})}; choose groups within one type"
+            )
 
 
 def apply_plan(model, plan: Plan | None):
@@ -87,8 +89,10 @@ def apply_plan(model, plan: Plan | None):
     check_layer_types(model.config, plan)
     for i, layer in enumerate(layers):
         if "forward" in layer.__dict__:  # e.g. accelerate's device_map / offload hooks live there
-            raise PlanError(f"plan {plan}: layer {i} already has its forward replaced (accelerate hooks?); "
-                            f"apply the plan to a model loaded without device_map offloading")
+            raise PlanError(
+                f"plan {plan}: layer {i} already has its forward replaced (accelerate hooks?); "
+                f"apply the plan to a model loaded without device_map offloading"
+            )
     # A group of one layer is that layer: with P=1 every layer keeps its own forward, bit for bit.
     for group in plan.groups() if plan.size > 1 else ():
         members = [layers[i] for i in group]

@@ -15,7 +15,7 @@ os.environ.setdefault("PYTHONWARNINGS", "error:`past_key_values` is deprecated:F
 
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config)
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
 FAMILIES = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,8 +24,13 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 
 def checkout_copy(dest: Path) -> Path:
     """The repository's files (tracked, and untracked ones git does not ignore; links kept) copied into `dest`."""
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True,
-                            check=True).stdout.decode().split("\0")
+    listed = (
+        subprocess.run(
+            ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True, check=True
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for name in filter(None, listed):
         source, target = ROOT / name, dest / name
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -37,10 +42,20 @@ def checkout_copy(dest: Path) -> Path:
 
 
 def tiny_config(family="llama", layers=8, **overrides):
-    settings = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                    initializer_range=0.2,  # large weights: every layer changes its input a lot
-                    pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    settings = dict(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=0.2,  # large weights: every layer changes its input a lot
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
     settings.update(overrides)
     return FAMILIES[family](**settings)
 
@@ -64,8 +79,14 @@ def tiny_tokenizer():
     vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(92)])}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
-                                   eos_token="</s>", unk_token="<unk>", padding_side="left")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        padding_side="left",
+    )
 
 
 @pytest.fixture

@@ -41,8 +41,12 @@ def test_similarity_matches_hidden_states_without_the_first_token():
         states = model(input_ids=ids, output_hidden_states=True).hidden_states[:8]  # inputs of layers 0..7
 
     def mean_cos(first):
-        return np.array([[torch.cosine_similarity(a[:, first:], b[:, first:], dim=-1).mean().item()
-                          for b in states] for a in states])
+        return np.array(
+            [
+                [torch.cosine_similarity(a[:, first:], b[:, first:], dim=-1).mean().item() for b in states]
+                for a in states
+            ]
+        )
 
     np.testing.assert_allclose(similarity(model, ids), mean_cos(1), atol=1e-12)
     assert np.abs(mean_cos(0) - mean_cos(1)).max() > 1e-4  # leaving the first token out matters
@@ -90,7 +94,15 @@ ROWS = [
     {"plan": "original", "size": 1, "bypass": 0, "ideal_reduction": 0.0, "kl": 0.0, "perplexity": 10, "top1": 1},
     {"plan": "S4-E8-P2-D0", "size": 2, "bypass": 0, "ideal_reduction": 0.25, "kl": 0.3, "perplexity": 12, "top1": 0.8},
     {"plan": "S6-E8-P2-D0", "size": 2, "bypass": 0, "ideal_reduction": 0.125, "kl": 0.1, "perplexity": 11, "top1": 0.9},
-    {"plan": "S2-E8-P2-D0", "size": 2, "bypass": 0, "ideal_reduction": 0.375, "kl": 0.5, "perplexity": 15, "top1": 0.85},
+    {
+        "plan": "S2-E8-P2-D0",
+        "size": 2,
+        "bypass": 0,
+        "ideal_reduction": 0.375,
+        "kl": 0.5,
+        "perplexity": 15,
+        "top1": 0.85,
+    },
     {"plan": "S2-E8-P2-D1", "size": 2, "bypass": 1, "ideal_reduction": 0.375, "kl": 0.2, "perplexity": 11, "top1": 0.9},
     {"plan": "S0-E8-P4-D0", "size": 4, "bypass": 0, "ideal_reduction": 0.75, "kl": 2.0, "perplexity": 40, "top1": 0.3},
     {"plan": "S4-E8-P4-D0", "size": 4, "bypass": 0, "ideal_reduction": 0.375, "kl": 0.9, "perplexity": 20, "top1": 0.6},
@@ -100,8 +112,15 @@ ROWS = [
 def test_select_follows_the_rule():
     assert select(ROWS, SelectSettings(metric="kl", per_size=1, min_reduction=0.2)) == ["S4-E8-P2-D0", "S4-E8-P4-D0"]
     assert select(ROWS, SelectSettings(metric="top1", per_size=2, min_reduction=0.2)) == [
-        "S2-E8-P2-D0", "S4-E8-P2-D0", "S4-E8-P4-D0", "S0-E8-P4-D0"]
-    assert select(ROWS, SelectSettings(metric="kl", min_reduction=0.2, bypasses=[0, 1])) == ["S2-E8-P2-D1", "S4-E8-P4-D0"]
+        "S2-E8-P2-D0",
+        "S4-E8-P2-D0",
+        "S4-E8-P4-D0",
+        "S0-E8-P4-D0",
+    ]
+    assert select(ROWS, SelectSettings(metric="kl", min_reduction=0.2, bypasses=[0, 1])) == [
+        "S2-E8-P2-D1",
+        "S4-E8-P4-D0",
+    ]
     assert select(ROWS, SelectSettings(min_reduction=0.5, always=["S6-E8-P2-D0"])) == ["S0-E8-P4-D0", "S6-E8-P2-D0"]
     with pytest.raises(CqilError, match="select.metric: 'bleu' is not one of kl, perplexity, top1"):
         SelectSettings(metric="bleu")

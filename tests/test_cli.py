@@ -33,8 +33,18 @@ def test_info(capsys, tiny_dir):
 
 def test_ppl_reports_original_and_plan(capsys, tiny_dir, tmp_path):
     (tmp_path / "text.txt").write_text(WORDS)
-    code, out, _ = run(capsys, "ppl", "--model", str(tiny_dir), "--plan", "S0-E8-P4-D1", "--text",
-                       str(tmp_path / "text.txt"), "--block-size", "64")
+    code, out, _ = run(
+        capsys,
+        "ppl",
+        "--model",
+        str(tiny_dir),
+        "--plan",
+        "S0-E8-P4-D1",
+        "--text",
+        str(tmp_path / "text.txt"),
+        "--block-size",
+        "64",
+    )
     rows = [line.split() for line in out.strip().splitlines()[1:]]
     assert code == 0 and [r[0] for r in rows] == ["original", "S0-E8-P4-D1"]
     assert rows[0][1] == rows[1][1] == "295"  # 300 tokens in 5 blocks of 64 and one of 44: 300 - 5 predictions
@@ -42,19 +52,23 @@ def test_ppl_reports_original_and_plan(capsys, tiny_dir, tmp_path):
 
 
 def test_generate(capsys, tiny_dir):
-    code, out, _ = run(capsys, "generate", "--model", str(tiny_dir), "--plan", "S2-E6-P2-D0", "w1 w2 w3",
-                       "--max-new-tokens", "4")
+    code, out, _ = run(
+        capsys, "generate", "--model", str(tiny_dir), "--plan", "S2-E6-P2-D0", "w1 w2 w3", "--max-new-tokens", "4"
+    )
     lines = out.strip().splitlines()
     assert code == 0 and lines[0].startswith("[original] w1 w2 w3") and lines[1].startswith("[S2-E6-P2-D0] w1 w2 w3")
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["ppl", "--plan", "S2-E5-P2-D0", "--text", "x"], "E-S=3 must be a multiple of P=2"),
-    (["ppl", "--plan", "P2", "--text", "x"], "expected the form S12-E30-P2-D0"),
-    (["ppl", "--plan", "S2-E12-P2-D0", "--text", "TEXT"], "E=12 exceeds the model's 8 layers"),
-    (["ppl", "--text", "missing.txt"], "--text 'missing.txt': file not found"),
-    (["info", "nonexistent-model"], "not an embedded model"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["ppl", "--plan", "S2-E5-P2-D0", "--text", "x"], "E-S=3 must be a multiple of P=2"),
+        (["ppl", "--plan", "P2", "--text", "x"], "expected the form S12-E30-P2-D0"),
+        (["ppl", "--plan", "S2-E12-P2-D0", "--text", "TEXT"], "E=12 exceeds the model's 8 layers"),
+        (["ppl", "--text", "missing.txt"], "--text 'missing.txt': file not found"),
+        (["info", "nonexistent-model"], "not an embedded model"),
+    ],
+)
 def test_bad_input_is_one_line(capsys, tiny_dir, tmp_path, argv, message):
     (tmp_path / "text.txt").write_text(WORDS)
     argv = [str(tmp_path / "text.txt") if a == "TEXT" else a for a in argv]
@@ -64,13 +78,22 @@ def test_bad_input_is_one_line(capsys, tiny_dir, tmp_path, argv, message):
     assert code == 2 and err.count("\n") == 1 and err.startswith("cqil: error: ") and message in err
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--adapter", "somewhere"], "--adapter needs --plan"),
-    (["--settings", '{"tasks": ["arc_easy_local"]}'], "evaluate.tasks: arc_easy_local: local tasks need evaluate.data_dir"),
-    (["--settings", '{"data_dir": "nowhere"}'], "evaluate.data_dir: 'nowhere' is not a directory"),
-    (["--settings", '{"task": ["arc_easy_local"]}'], "evaluate.task: not a setting of this stage (allowed: split, tasks"),
-    (["--settings", "{tasks"], "--settings: not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--adapter", "somewhere"], "--adapter needs --plan"),
+        (
+            ["--settings", '{"tasks": ["arc_easy_local"]}'],
+            "evaluate.tasks: arc_easy_local: local tasks need evaluate.data_dir",
+        ),
+        (["--settings", '{"data_dir": "nowhere"}'], "evaluate.data_dir: 'nowhere' is not a directory"),
+        (
+            ["--settings", '{"task": ["arc_easy_local"]}'],
+            "evaluate.task: not a setting of this stage (allowed: split, tasks",
+        ),
+        (["--settings", "{tasks"], "--settings: not valid JSON"),
+    ],
+)
 def test_evaluate_input_is_checked_before_loading(capsys, tiny_dir, argv, message):
     code, _, err = run(capsys, "evaluate", "--model", str(tiny_dir), "--corpus", "corpus.pt", "--out", "x.json", *argv)
     assert code == 2 and err.count("\n") == 1 and message in err

@@ -23,13 +23,16 @@ def test_pack_gives_each_split_whole_documents():
     assert pack(documents[:5], CorpusSettings(block_size=8, blocks=SMALL)) is None
 
 
-@pytest.mark.parametrize("settings, message", [
-    (dict(source="web"), "corpus.source: 'web' is not one of generate, files, hub"),
-    (dict(blocks={"search": 1}), "need exactly the splits calibration, search, finetune, test"),
-    (dict(source="files"), "source=files needs at least one file"),
-    (dict(source="files", files=["nowhere.txt"]), r"corpus.files\[0\]: 'nowhere.txt' not found"),
-    (dict(source="hub"), "source=hub needs a dataset id"),
-])
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(source="web"), "corpus.source: 'web' is not one of generate, files, hub"),
+        (dict(blocks={"search": 1}), "need exactly the splits calibration, search, finetune, test"),
+        (dict(source="files"), "source=files needs at least one file"),
+        (dict(source="files", files=["nowhere.txt"]), r"corpus.files\[0\]: 'nowhere.txt' not found"),
+        (dict(source="hub"), "source=hub needs a dataset id"),
+    ],
+)
 def test_bad_settings_fail_with_one_line(settings, message):
     with pytest.raises(CqilError, match=message):
         CorpusSettings(**settings)
@@ -48,12 +51,15 @@ def test_generated_corpus_is_deterministic(tiny_dir):
 def test_jsonl_files(tiny_dir, tmp_path):
     path = tmp_path / "docs.jsonl"
     path.write_text("".join(json.dumps({"body": f"w{i} w{i + 1} w{i + 2} w{i + 3}"}) + "\n" for i in range(60)))
-    blocks, summary = build_corpus(str(tiny_dir), CorpusSettings(source="files", files=[str(path)],
-                                                                   text_field="body", block_size=8, blocks=SMALL))
+    blocks, summary = build_corpus(
+        str(tiny_dir), CorpusSettings(source="files", files=[str(path)], text_field="body", block_size=8, blocks=SMALL)
+    )
     assert blocks["calibration"][0, :4].tolist() == [4, 5, 6, 7]  # "w0 w1 w2 w3" in the tiny vocabulary
     with pytest.raises(CqilError, match="gave 60 documents"):
-        build_corpus(str(tiny_dir), CorpusSettings(source="files", files=[str(path)], text_field="body",
-                                                   block_size=64, blocks=SMALL))
+        build_corpus(
+            str(tiny_dir),
+            CorpusSettings(source="files", files=[str(path)], text_field="body", block_size=64, blocks=SMALL),
+        )
 
 
 @pytest.mark.slow
@@ -61,7 +67,8 @@ def test_wikitext_from_shared_data():
     wikitext = SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw"
     if not wikitext.exists():
         pytest.skip(f"{wikitext} not found")
-    blocks, summary = build_corpus("smollm2-135m", CorpusSettings(source="files", files=[str(wikitext)],
-                                                                  block_size=128, blocks=SMALL))
+    blocks, summary = build_corpus(
+        "smollm2-135m", CorpusSettings(source="files", files=[str(wikitext)], block_size=128, blocks=SMALL)
+    )
     assert summary["samples"][0].startswith("= Robert Boulter =")
     assert sum(len(b) for b in blocks.values()) == sum(SMALL.values())

@@ -20,7 +20,7 @@ def test_loads_offline_and_generates_english(default):
     assert model.config.model_type == "llama" and model.config.num_hidden_layers == 30
     inputs = tokenizer("The capital of France is", return_tensors="pt")
     out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
-    text = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    text = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in text and text.isascii()
 
 

@@ -21,7 +21,10 @@ def readme_commands() -> list[str]:
 
 def test_the_install_commands_use_the_lock():
     run, test = readme_commands()[:2]  # the third regenerates the lock
-    assert "pip install -r requirements.lock.txt -e ." in run and "pip install -r requirements.lock.txt -e '.[test]'" in test
+    assert (
+        "pip install -r requirements.lock.txt -e ." in run
+        and "pip install -r requirements.lock.txt -e '.[test]'" in test
+    )
     assert (ROOT / ".ci" / "run").read_text().rstrip().splitlines()[-1] == test  # CI runs the README's command
     conda = yaml.safe_load((ROOT / "environment.yml").read_text())["dependencies"]
     assert f"python={PYPROJECT['tool']['uv']['pip']['python-version']}" in conda
@@ -48,7 +51,10 @@ def test_this_environment_is_the_lock():
 def test_drift_and_changes():
     lock = {"torch": "2.13.0", "transformers": "5.23.0", "numpy": "2.4.6"}
     have = {"torch": "2.13.0+cpu", "transformers": "5.24.0", "tokenizers": "0.23.1", "pip": "23.2.1", "cqil": "0.1.0"}
-    assert drift(lock, have) == [("numpy", "2.4.6", None), ("tokenizers", None, "0.23.1"),
-                                 ("transformers", "5.23.0", "5.24.0")]  # torch's +cpu build is its release
+    assert drift(lock, have) == [
+        ("numpy", "2.4.6", None),
+        ("tokenizers", None, "0.23.1"),
+        ("transformers", "5.23.0", "5.24.0"),
+    ]  # torch's +cpu build is its release
     assert changes(lock, have, both_complete=False) == ["torch 2.13.0 -> 2.13.0+cpu", "transformers 5.23.0 -> 5.24.0"]
     assert canonical("lm_eval") == canonical("LM.Eval") == "lm-eval"  # pip's name comparison (PEP 503)

@@ -9,8 +9,15 @@ from cqil.evaluate import lm_eval_tasks, render_tasks
 
 pytestmark = pytest.mark.skipif(not SHARED_DATA.exists(), reason="../shared/data sits beside the checkout in CI")
 
-ROWS = {"arc_easy_local": 2376, "arc_challenge_local": 1172, "winogrande_local": 1267, "mmlu_local": 14042,
-        "piqa_local": 1838, "boolq_local": 3270, "openbookqa_local": 500}
+ROWS = {
+    "arc_easy_local": 2376,
+    "arc_challenge_local": 1172,
+    "winogrande_local": 1267,
+    "mmlu_local": 14042,
+    "piqa_local": 1838,
+    "boolq_local": 3270,
+    "openbookqa_local": 500,
+}
 
 
 @pytest.fixture(autouse=True)
@@ -29,7 +36,9 @@ def test_task_yamls_render_with_absolute_paths(tmp_path):
 def test_task_yamls_load_offline(tmp_path):
     from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=str(render_tasks(tmp_path / "tasks", data_dir=SHARED_DATA)), include_defaults=False)
+    manager = TaskManager(
+        include_path=str(render_tasks(tmp_path / "tasks", data_dir=SHARED_DATA)), include_defaults=False
+    )
     tasks = manager.load(list(ROWS))["tasks"]
     for name, rows in ROWS.items():
         task = tasks[name]
@@ -46,8 +55,13 @@ def test_evaluate_the_default_model(tmp_path):
     from cqil import load_model
 
     model, tokenizer = load_model("smollm2-135m")
-    results = lm_eval_tasks(model, tokenizer, ["arc_easy_local", "winogrande_local", "mmlu_local"],
-                            render_tasks(tmp_path / "tasks", data_dir=SHARED_DATA), limit=10)
+    results = lm_eval_tasks(
+        model,
+        tokenizer,
+        ["arc_easy_local", "winogrande_local", "mmlu_local"],
+        render_tasks(tmp_path / "tasks", data_dir=SHARED_DATA),
+        limit=10,
+    )
     for task in ("arc_easy_local", "winogrande_local", "mmlu_local"):
         assert results[task]["sample_len"] == 10 and 0 <= results[task]["acc"] <= 1
         assert results[task]["acc_stderr"] >= 0

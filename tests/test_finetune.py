@@ -22,6 +22,7 @@ IDS = torch.randint(3, 96, (4, 16), generator=torch.Generator().manual_seed(0))
 
 def peft_student(plan, settings, dtype=torch.float32):
     from peft import get_peft_model
+
     model = apply_plan(tiny_model(dtype=dtype), plan)
     return get_peft_model(model, lora_config(plan, 8, settings))
 
@@ -56,28 +57,50 @@ def test_batches_are_a_pure_function_of_the_step():
     settings = FinetuneSettings(batch_size=3, grad_accum=2, seed=1)
     seen = torch.cat([micro_batch(10, settings, step, micro) for step in range(5) for micro in range(2)])
     assert sorted(seen[:10].tolist()) == list(range(10))  # the first epoch visits every block once
-    assert torch.equal(micro_batch(10, settings, 3, 1), seen[7 * 3: 8 * 3])
+    assert torch.equal(micro_batch(10, settings, 3, 1), seen[7 * 3 : 8 * 3])
 
 
-@pytest.mark.parametrize("settings, message", [
-    (dict(loss="mse"), "finetune.loss: 'mse' is not one of kd, lm, kd+lm"),
-    (dict(kd_reduction="mean"), "is not one of token, official"),
-    (dict(steps=0), "must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(loss="mse"), "finetune.loss: 'mse' is not one of kd, lm, kd+lm"),
+        (dict(kd_reduction="mean"), "is not one of token, official"),
+        (dict(steps=0), "must be >= 1"),
+    ],
+)
 def test_bad_settings(settings, message):
     with pytest.raises(CqilError, match=re.escape(message)):
         FinetuneSettings(**settings)
 
 
 def test_resume_after_a_kill_reaches_the_same_adapter(tiny_dir, tmp_path):
-    torch.save({"finetune": torch.randint(3, 96, (12, 16), generator=torch.Generator().manual_seed(1)),
-                "test": IDS}, tmp_path / "corpus.pt")
+    torch.save(
+        {"finetune": torch.randint(3, 96, (12, 16), generator=torch.Generator().manual_seed(1)), "test": IDS},
+        tmp_path / "corpus.pt",
+    )
     settings = json.dumps({"steps": 400, "batch_size": 2, "save_every": 5, "lora_r": 4, "lr": 1e-3})
 
     def command(name):
-        return [sys.executable, "-m", "cqil", "--threads", "1", "finetune", "--model", str(tiny_dir),
-                "--plan", "S2-E6-P2-D0", "--corpus", str(tmp_path / "corpus.pt"), "--settings", settings,
-                "--out-dir", str(tmp_path / name), "--summary", str(tmp_path / f"{name}.json")]
+        return [
+            sys.executable,
+            "-m",
+            "cqil",
+            "--threads",
+            "1",
+            "finetune",
+            "--model",
+            str(tiny_dir),
+            "--plan",
+            "S2-E6-P2-D0",
+            "--corpus",
+            str(tmp_path / "corpus.pt"),
+            "--settings",
+            settings,
+            "--out-dir",
+            str(tmp_path / name),
+            "--summary",
+            str(tmp_path / f"{name}.json"),
+        ]
 
     subprocess.run(command("straight"), check=True, capture_output=True)
     killed = subprocess.Popen(command("killed"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -102,15 +125,38 @@ def test_resume_after_a_kill_reaches_the_same_adapter(tiny_dir, tmp_path):
 
 def test_two_processes_match_one(tiny_dir, tmp_path):
     """torchrun with 2 CPU processes (gloo DDP, half of each micro-batch per rank) == one process."""
-    torch.save({"finetune": torch.randint(3, 96, (12, 16), generator=torch.Generator().manual_seed(1)),
-                "test": IDS}, tmp_path / "corpus.pt")
+    torch.save(
+        {"finetune": torch.randint(3, 96, (12, 16), generator=torch.Generator().manual_seed(1)), "test": IDS},
+        tmp_path / "corpus.pt",
+    )
     settings = json.dumps({"steps": 6, "batch_size": 4, "save_every": 3, "lora_r": 4})
 
     def run(launcher, name):
-        subprocess.run([*launcher, "-m", "cqil", "--threads", "1", "finetune", "--model", str(tiny_dir),
-                        "--plan", "S2-E6-P2-D0", "--corpus", str(tmp_path / "corpus.pt"), "--settings", settings,
-                        "--out-dir", str(tmp_path / name), "--summary", str(tmp_path / f"{name}.json")],
-                       check=True, capture_output=True, timeout=300)
+        subprocess.run(
+            [
+                *launcher,
+                "-m",
+                "cqil",
+                "--threads",
+                "1",
+                "finetune",
+                "--model",
+                str(tiny_dir),
+                "--plan",
+                "S2-E6-P2-D0",
+                "--corpus",
+                str(tmp_path / "corpus.pt"),
+                "--settings",
+                settings,
+                "--out-dir",
+                str(tmp_path / name),
+                "--summary",
+                str(tmp_path / f"{name}.json"),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
         return load_file(tmp_path / name / "adapter" / "adapter_model.safetensors")
 
     one = run([sys.executable], "one")

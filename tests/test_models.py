@@ -10,11 +10,14 @@ from cqil import Plan, PlanError, load_model
 from cqil.models import ModelError, describe, load_config, resolve
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("no-such-model", "not an embedded model (smollm2-135m), a local model directory, a .gguf file or a Hub id"),
-    ("missing/weights.gguf", "GGUF file not found"),
-    ("./a/b/c", "not an embedded model"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("no-such-model", "not an embedded model (smollm2-135m), a local model directory, a .gguf file or a Hub id"),
+        ("missing/weights.gguf", "GGUF file not found"),
+        ("./a/b/c", "not an embedded model"),
+    ],
+)
 def test_bad_specs_fail_with_one_line(spec, message):
     with pytest.raises(ModelError) as err:
         resolve(spec)
@@ -34,7 +37,9 @@ def test_unreachable_hub_id_is_one_line():
 
 def test_unsupported_family_names_the_supported_ones(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))
-    with pytest.raises(ModelError, match="family 'gpt2' is not supported; supported families are llama, mistral, qwen2"):
+    with pytest.raises(
+        ModelError, match="family 'gpt2' is not supported; supported families are llama, mistral, qwen2"
+    ):
         load_model(str(tmp_path))
 
 

@@ -29,7 +29,7 @@ def test_the_import_graph_has_no_cycle():
     graph, done, path = imports(), set(), []
 
     def visit(name):
-        assert name not in path, f"import cycle: {' -> '.join(path[path.index(name):] + [name])}"
+        assert name not in path, f"import cycle: {' -> '.join(path[path.index(name) :] + [name])}"
         if name in done:
             return
         path.append(name)

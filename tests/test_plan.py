@@ -15,17 +15,20 @@ def test_without_bypass_both_modes_are_one_plan():
     assert str(Plan(12, 30, 2, 0, "official")) == "S12-E30-P2-D0"
 
 
-@pytest.mark.parametrize("args, field", [
-    ((12, 30, 0), "P=0"),
-    ((30, 12, 2), "S < E"),
-    ((12, 12, 2), "S < E"),
-    ((-1, 12, 1), "S < E"),
-    ((12, 29, 2), "multiple of P=2"),
-    ((12, 30, 2, 2), "D=2"),
-    ((12, 30, 2, -1), "D=-1"),
-    ((12, 30, 2, 1, "fancy"), "bypass_mode='fancy': allowed are paper, official"),
-    ((12.0, 30, 2), "start must be an integer"),
-])
+@pytest.mark.parametrize(
+    "args, field",
+    [
+        ((12, 30, 0), "P=0"),
+        ((30, 12, 2), "S < E"),
+        ((12, 12, 2), "S < E"),
+        ((-1, 12, 1), "S < E"),
+        ((12, 29, 2), "multiple of P=2"),
+        ((12, 30, 2, 2), "D=2"),
+        ((12, 30, 2, -1), "D=-1"),
+        ((12, 30, 2, 1, "fancy"), "bypass_mode='fancy': allowed are paper, official"),
+        ((12.0, 30, 2), "start must be an integer"),
+    ],
+)
 def test_bad_plans_fail_with_one_line(args, field):
     with pytest.raises(PlanError) as err:
         Plan(*args)
@@ -67,8 +70,9 @@ def test_groups_steps_and_ideal_reduction():
 
 
 def test_grid_keeps_only_valid_plans():
-    plans = Plan.grid(30, starts=range(10, 20, 2), ends=[28, 30], sizes=[1, 2, 3, 4], bypasses=[0, 1],
-                      modes=["paper", "official"])
+    plans = Plan.grid(
+        30, starts=range(10, 20, 2), ends=[28, 30], sizes=[1, 2, 3, 4], bypasses=[0, 1], modes=["paper", "official"]
+    )
     assert plans == sorted(set(plans))
     assert all(p.size > 1 and (p.end - p.start) % p.size == 0 and p.bypass < p.size for p in plans)
     assert Plan(12, 30, 2, 1, "official") in plans and Plan(12, 30, 2, 0) in plans

@@ -23,9 +23,18 @@ from cqil.runtime.cqil import shard
 from cqil.runtime.tp import check_degree
 from tests.conftest import tiny_config, tiny_model, tiny_tokenizer
 
-SETTINGS = {"prompt_lengths": [12], "new_tokens": 3, "warmup": 0, "repeats": 2, "check_batch_size": 2,
-            "check_length": 16, "check_new_tokens": 8, "allreduce_tokens": [1, 12], "allreduce_repeats": 3,
-            "timeout": 60}
+SETTINGS = {
+    "prompt_lengths": [12],
+    "new_tokens": 3,
+    "warmup": 0,
+    "repeats": 2,
+    "check_batch_size": 2,
+    "check_length": 16,
+    "check_new_tokens": 8,
+    "allreduce_tokens": [1, 12],
+    "allreduce_repeats": 3,
+    "timeout": 60,
+}
 
 
 @pytest.fixture(scope="module")
@@ -46,16 +55,21 @@ def run_latency(tmp_path, model, *args, settings=SETTINGS) -> dict:
     return json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("family, args, placement", [
-    ("llama", ["--engine", "cqil", "--plan", "S2-E6-P2-D0"], "replicated"),
-    ("llama", ["--engine", "cqil", "--plan", "S0-E8-P2-D1"], "replicated"),  # from layer 0: the cache-slot remap
-    ("qwen2", ["--engine", "cqil", "--plan", "S2-E8-P2-D1-official"], "replicated"),
-    ("llama", ["--engine", "cqil", "--plan", "S2-E6-P2-D1"], "rank0"),  # the official code's placement
-    ("llama", ["--engine", "tp", "--degree", "2"], None),
-    ("qwen2", ["--engine", "tp", "--degree", "2"], None),
-])
+@pytest.mark.parametrize(
+    "family, args, placement",
+    [
+        ("llama", ["--engine", "cqil", "--plan", "S2-E6-P2-D0"], "replicated"),
+        ("llama", ["--engine", "cqil", "--plan", "S0-E8-P2-D1"], "replicated"),  # from layer 0: the cache-slot remap
+        ("qwen2", ["--engine", "cqil", "--plan", "S2-E8-P2-D1-official"], "replicated"),
+        ("llama", ["--engine", "cqil", "--plan", "S2-E6-P2-D1"], "rank0"),  # the official code's placement
+        ("llama", ["--engine", "tp", "--degree", "2"], None),
+        ("qwen2", ["--engine", "tp", "--degree", "2"], None),
+    ],
+)
 def test_two_ranks_match_one_process(tiny_dirs, tmp_path, family, args, placement):
-    result = run_latency(tmp_path, tiny_dirs[family], *args, settings=SETTINGS | {"placement": placement or "replicated"})
+    result = run_latency(
+        tmp_path, tiny_dirs[family], *args, settings=SETTINGS | {"placement": placement or "replicated"}
+    )
     check = result["check"]
     assert check["batch_size"] == 2 and check["decode_steps"] == 8
     assert check["positions"] == 2 * 16 - 16 // 4 + 2 * 8  # real prompt tokens + decode steps of both rows
@@ -76,7 +90,7 @@ def test_pin_gives_each_rank_its_own_cores():
     cores = sorted(allowed)
     try:
         for rank in range(2):
-            expected = cores[rank:rank + 1] if len(cores) >= 2 else None
+            expected = cores[rank : rank + 1] if len(cores) >= 2 else None
             assert pin(Ranks(rank, 2, torch.device("cpu")), threads=1) == expected
             assert os.sched_getaffinity(0) == set(expected or allowed)
             bind(allowed)  # each rank is its own process, starting from the job's cores
@@ -87,8 +101,9 @@ def test_pin_gives_each_rank_its_own_cores():
 
 
 def test_original_records_threads_and_parts(tiny_dirs, tmp_path):
-    result = run_latency(tmp_path, tiny_dirs["llama"], "--engine", "original",
-                         settings=SETTINGS | {"baseline_threads": [1, 2]})
+    result = run_latency(
+        tmp_path, tiny_dirs["llama"], "--engine", "original", settings=SETTINGS | {"baseline_threads": [1, 2]}
+    )
     assert result["check"] is None and result["ranks"] == 1 and result["allreduce"] == []
     assert sorted({r["threads"] for r in result["records"]}) == [1, 2]
     part = result["parts"][0]
@@ -98,10 +113,26 @@ def test_original_records_threads_and_parts(tiny_dirs, tmp_path):
 
 def test_table_reductions():
     def result(engine, median, **extra):
-        record = {"phase": "prefill", "tokens": 8, "batch_size": 1, "threads": 1, "median_ms": median,
-                  "p10_ms": median, "p90_ms": median}
-        return {"model": "m", "engine": engine, "ranks": 2, "layers": 8, "check": None, "records": [record],
-                "plan": None, "degree": None, **extra}
+        record = {
+            "phase": "prefill",
+            "tokens": 8,
+            "batch_size": 1,
+            "threads": 1,
+            "median_ms": median,
+            "p10_ms": median,
+            "p90_ms": median,
+        }
+        return {
+            "model": "m",
+            "engine": engine,
+            "ranks": 2,
+            "layers": 8,
+            "check": None,
+            "records": [record],
+            "plan": None,
+            "degree": None,
+            **extra,
+        }
 
     interleaved = result("tp", 60.0, degree=2)
     interleaved["records"][0]["baseline_median_ms"] = 120.0  # timed in the tp run itself: preferred
@@ -117,8 +148,10 @@ def test_bad_degree_and_world_refused_up_front(tiny_dirs, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         run_latency(tmp_path, tiny_dirs["llama"], "--engine", "tp", "--degree", "3")
     assert exit_.value.code == 2
-    assert capsys.readouterr().err.strip() == ("cqil: error: tp degree 3: the model has 4 attention heads, 2 KV heads "
-                                               "and MLP width 128; the degree must divide all three (allowed: 1, 2)")
+    assert capsys.readouterr().err.strip() == (
+        "cqil: error: tp degree 3: the model has 4 attention heads, 2 KV heads "
+        "and MLP width 128; the degree must divide all three (allowed: 1, 2)"
+    )
     with pytest.raises(SystemExit):
         run_latency(tmp_path, tiny_dirs["llama"], "--engine", "cqil")
     assert "engine cqil needs a plan" in capsys.readouterr().err
@@ -170,9 +203,27 @@ def test_busy_default_port(tmp_path):
 def test_cli_launches_torchrun_and_rank0_writes(tiny_dirs, tmp_path):
     """`cqil latency` outside torchrun starts it; only rank 0 writes the JSON (the file is whole)."""
     out = tmp_path / "cqil.json"
-    subprocess.run([sys.executable, "-m", "cqil", "latency", "--model", str(tiny_dirs["llama"]), "--engine", "cqil",
-                    "--plan", "S2-E6-P2-D0", "--settings", json.dumps(SETTINGS), "--out", str(out)],
-                   check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cqil",
+            "latency",
+            "--model",
+            str(tiny_dirs["llama"]),
+            "--engine",
+            "cqil",
+            "--plan",
+            "S2-E6-P2-D0",
+            "--settings",
+            json.dumps(SETTINGS),
+            "--out",
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     result = json.loads(out.read_text())
     assert result["plan"] == "S2-E6-P2-D0" and result["provenance"]["machine"]["cores"] >= 1
     assert LatencySettings(**result["settings"]).check_new_tokens == 8
@@ -193,9 +244,28 @@ def test_a_failing_check_fails_the_run_before_any_timing(tiny_dirs, tmp_path):
     (tmp_path / "sitecustomize.py").write_text(BROKEN_ENGINE)
     out = tmp_path / "cqil.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
-    run = subprocess.run([sys.executable, "-m", "cqil", "latency", "--model", str(tiny_dirs["llama"]), "--engine", "cqil",
-                          "--plan", "S2-E6-P2-D0", "--settings", json.dumps(SETTINGS), "--out", str(out)],
-                         capture_output=True, text=True, timeout=300, env=env)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cqil",
+            "latency",
+            "--model",
+            str(tiny_dirs["llama"]),
+            "--engine",
+            "cqil",
+            "--plan",
+            "S2-E6-P2-D0",
+            "--settings",
+            json.dumps(SETTINGS),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert run.returncode != 0 and not out.exists()
     errors = [line for line in run.stderr.splitlines() if line.startswith("cqil: error: ")]
     assert len(errors) == 2 and errors[0] == errors[1], run.stderr  # rank 0's line, repeated by the launcher last
@@ -205,21 +275,48 @@ def test_a_failing_check_fails_the_run_before_any_timing(tiny_dirs, tmp_path):
 
 
 def test_check_tolerance_by_dtype():
-    failure = check_failure({"max_abs_diff": 0.7, "reference_max_abs": 10.0}, Setup.parse("cqil-S2-E6-P2-D1"),
-                            torch.bfloat16)
-    assert failure == ("engine cqil, plan S2-E6-P2-D1: check failed, max |logit difference| 0.7 against the "
-                       "single-process reference exceeds 0.5 (bfloat16); no timing was written")
-    assert check_failure({"max_abs_diff": 0.4, "reference_max_abs": 10.0}, Setup("tp", degree=2), torch.bfloat16) is None
+    failure = check_failure(
+        {"max_abs_diff": 0.7, "reference_max_abs": 10.0}, Setup.parse("cqil-S2-E6-P2-D1"), torch.bfloat16
+    )
+    assert failure == (
+        "engine cqil, plan S2-E6-P2-D1: check failed, max |logit difference| 0.7 against the "
+        "single-process reference exceeds 0.5 (bfloat16); no timing was written"
+    )
+    assert (
+        check_failure({"max_abs_diff": 0.4, "reference_max_abs": 10.0}, Setup("tp", degree=2), torch.bfloat16) is None
+    )
     assert check_failure({"max_abs_diff": 9e-5, "reference_max_abs": 1e3}, Setup("tp", degree=2), torch.float32) is None
     assert "degree 2: check failed, max |logit difference| nan" in check_failure(
-        {"max_abs_diff": float("nan"), "reference_max_abs": 1.0}, Setup("tp", degree=2), torch.float32)
+        {"max_abs_diff": float("nan"), "reference_max_abs": 1.0}, Setup("tp", degree=2), torch.float32
+    )
 
 
 def test_layer_latency_on_cpu(tmp_path, capsys):
     """The GPU script's command, on CPU and one small shape: prefill and decode records of one layer."""
     out = tmp_path / "layers.json"
-    main(["layer-latency", "--shapes", "llama-135m", "--lengths", "8", "--context", "16", "--dtype", "float32",
-          "--device", "cpu", "--modes", "eager", "--warmup", "1", "--repeats", "2", "--out", str(out)])
+    main(
+        [
+            "layer-latency",
+            "--shapes",
+            "llama-135m",
+            "--lengths",
+            "8",
+            "--context",
+            "16",
+            "--dtype",
+            "float32",
+            "--device",
+            "cpu",
+            "--modes",
+            "eager",
+            "--warmup",
+            "1",
+            "--repeats",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
     records = json.loads(out.read_text())["records"]
     assert [(r["phase"], r["tokens"]) for r in records] == [("prefill", 8), ("decode", 16)]
     assert records[0]["layer_bytes"] == 4 * (2 * 576 * 576 + 2 * 576 * 288 + 3 * 576 * 1536 + 2 * 576)
@@ -230,6 +327,7 @@ def test_layer_latency_on_cpu(tmp_path, capsys):
 
 
 # --- Sharding, without processes: what each rank keeps ----------------------------------------------
+
 
 def test_cqil_shard_keeps_one_layer_per_group_and_remaps_its_cache_slot():
     from cqil.runtime.cqil import NoHead, placeholder, rank_forward
@@ -268,16 +366,25 @@ def test_tp_plan_splits_every_projection_of_every_layer():
     try:
         for family in ("llama", "qwen2"):
             model = tp.shard(tiny_model(family, dtype=torch.float32), degree=1, device_type="cpu")
-            sharded = {name: param.placements[0] for name, param in model.named_parameters()
-                       if isinstance(param, DTensor)}
+            sharded = {
+                name: param.placements[0] for name, param in model.named_parameters() if isinstance(param, DTensor)
+            }
             columns = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}
-            expected = {f"model.layers.{i}.{part}.{name}.weight": Shard(0 if name in columns else 1)
-                        for i in range(8) for part, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
-                                                              ("mlp", ("gate_proj", "up_proj", "down_proj")))
-                        for name in names}
+            expected = {
+                f"model.layers.{i}.{part}.{name}.weight": Shard(0 if name in columns else 1)
+                for i in range(8)
+                for part, names in (
+                    ("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+                    ("mlp", ("gate_proj", "up_proj", "down_proj")),
+                )
+                for name in names
+            }
             if family == "qwen2":  # q, k, v have biases, split with their rows
-                expected |= {f"model.layers.{i}.self_attn.{name}.bias": Shard(0) for i in range(8)
-                             for name in ("q_proj", "k_proj", "v_proj")}
+                expected |= {
+                    f"model.layers.{i}.self_attn.{name}.bias": Shard(0)
+                    for i in range(8)
+                    for name in ("q_proj", "k_proj", "v_proj")
+                }
             assert sharded == expected
     finally:
         dist.destroy_process_group()

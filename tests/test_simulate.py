@@ -8,8 +8,18 @@ import pytest
 from cqil.cli import main
 from cqil.plan import Plan
 from cqil.errors import CqilError
-from cqil.simulate import (GPT_FAST, HARDWARE, SimulateSettings, crossover, fit, latency, layer_params,
-                           reduction, shape_of, validation)
+from cqil.simulate import (
+    GPT_FAST,
+    HARDWARE,
+    SimulateSettings,
+    crossover,
+    fit,
+    latency,
+    layer_params,
+    reduction,
+    shape_of,
+    validation,
+)
 
 A100 = HARDWARE["A100-80GB/nccl"]
 LLAMA_7B = shape_of("llama-7b")
@@ -53,29 +63,63 @@ def test_crossover_is_where_cqil_and_tp_tie():
     assert latency(LLAMA_7B, slower, "decode", plan=plan) < latency(LLAMA_7B, slower, "decode", tp=2)
 
 
-MACHINE = replace(A100, name="made up", bandwidth=10e9, flops=1e9, layer_fixed=1e-4, rest_fixed=2e-3,
-                  allreduce_latency=3e-4, allreduce_per_doubling=0, bus_bandwidth=1e9)
-TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 8, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "vocab_size": 96}
+MACHINE = replace(
+    A100,
+    name="made up",
+    bandwidth=10e9,
+    flops=1e9,
+    layer_fixed=1e-4,
+    rest_fixed=2e-3,
+    allreduce_latency=3e-4,
+    allreduce_per_doubling=0,
+    bus_bandwidth=1e9,
+)
+TINY = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 96,
+}
 
 
 def synthetic_runs(hw=MACHINE, shape=TINY, plan="S2-E6-P2-D0"):
     """`cqil latency` results of an original and a cqil run whose numbers come from the model itself (float32)."""
+
     def ms(phase, tokens=1, layers=shape["num_hidden_layers"], **setup):
         return 1e3 * latency({**shape, "num_hidden_layers": layers}, hw, phase, tokens, dtype_bytes=4, **setup)
 
     def records(**setup):
-        return [{"threads": 1, "phase": phase, "tokens": t, "median_ms": ms(phase, t, **setup)}
-                for t in (16, 64) for phase in ("prefill", "decode")]
+        return [
+            {"threads": 1, "phase": phase, "tokens": t, "median_ms": ms(phase, t, **setup)}
+            for t in (16, 64)
+            for phase in ("prefill", "decode")
+        ]
 
-    parts = [{"threads": 1, "tokens": t, "prefill_layer_ms": ms("prefill", t, 1) - ms("prefill", t, 0),
-              "decode_layer_ms": ms("decode", 1, 1) - ms("decode", 1, 0), "decode_rest_ms": ms("decode", 1, 0)}
-             for t in (16, 64)]
+    parts = [
+        {
+            "threads": 1,
+            "tokens": t,
+            "prefill_layer_ms": ms("prefill", t, 1) - ms("prefill", t, 0),
+            "decode_layer_ms": ms("decode", 1, 1) - ms("decode", 1, 0),
+            "decode_rest_ms": ms("decode", 1, 0),
+        }
+        for t in (16, 64)
+    ]
     allreduce = [{"bytes": b, "median_ms": 1e3 * (hw.allreduce_latency + b / hw.bus_bandwidth)} for b in (1e3, 1e6)]
     common = {"model": "synthetic", "dtype": "float32", "shape": shape, "degree": None}
-    return [{**common, "engine": "original", "plan": None, "records": records(), "parts": parts, "allreduce": []},
-            {**common, "engine": "cqil", "plan": plan, "records": records(plan=Plan.parse(plan)), "parts": [],
-             "allreduce": allreduce}]
+    return [
+        {**common, "engine": "original", "plan": None, "records": records(), "parts": parts, "allreduce": []},
+        {
+            **common,
+            "engine": "cqil",
+            "plan": plan,
+            "records": records(plan=Plan.parse(plan)),
+            "parts": [],
+            "allreduce": allreduce,
+        },
+    ]
 
 
 def test_fit_recovers_the_machine_and_validation_predicts_held_out_runs():
@@ -105,9 +149,23 @@ def test_cli_writes_tables_and_figures(tmp_path):
     for i, run in enumerate(synthetic_runs()):
         paths.append(tmp_path / f"run{i}.json")
         paths[-1].write_text(json.dumps(run))
-    settings = {"plans": {"llama-7b": ["S12-E30-P2-D0", "S14-E30-P4-D0"]}, "hardware": ["A100-80GB/nccl"],
-                "tp_degrees": [2, 4], "prefill_tokens": [512]}
-    main(["simulate", "--latency", *map(str, paths), "--settings", json.dumps(settings), "--out-dir", str(tmp_path / "sim")])
+    settings = {
+        "plans": {"llama-7b": ["S12-E30-P2-D0", "S14-E30-P4-D0"]},
+        "hardware": ["A100-80GB/nccl"],
+        "tp_degrees": [2, 4],
+        "prefill_tokens": [512],
+    }
+    main(
+        [
+            "simulate",
+            "--latency",
+            *map(str, paths),
+            "--settings",
+            json.dumps(settings),
+            "--out-dir",
+            str(tmp_path / "sim"),
+        ]
+    )
     out = tmp_path / "sim"
     predictions = (out / "predictions.csv").read_text()
     assert "cqil S12-E30-P2-D0 x tp 2" in predictions and "cqil S14-E30-P4-D0 x tp 2" in predictions

@@ -57,16 +57,36 @@ def test_the_profile_resolves_from_the_repository_root(repo):
 
 def test_a_small_target_through_slurm_matches_a_local_run(slurm, repo, tmp_path):
     """Similarity of the default model, and a CQIL latency job asking for 2 GPUs on the gpu partition."""
-    (tmp_path / "gpus.yaml").write_text(yaml.safe_dump({"resources": {"latency": {"gpu": 1, "slurm_partition": "gpu"}}}))
+    (tmp_path / "gpus.yaml").write_text(
+        yaml.safe_dump({"resources": {"latency": {"gpu": 1, "slurm_partition": "gpu"}}})
+    )
     similarity = "results/{run}/smollm2-135m/similarity.csv"
     latency = "results/slurm/llama-135m/latency/cqil-S16-E28-P2-D0.json"
-    cluster = snakemake(repo, "--cores", "all", *SLURM, *SMALL, str(tmp_path / "gpus.yaml"), "--config", "run=slurm",
-                        "--forcerun", "prepare_model", "--", similarity.format(run="slurm"), latency)
+    cluster = snakemake(
+        repo,
+        "--cores",
+        "all",
+        *SLURM,
+        *SMALL,
+        str(tmp_path / "gpus.yaml"),
+        "--config",
+        "run=slurm",
+        "--forcerun",
+        "prepare_model",
+        "--",
+        similarity.format(run="slurm"),
+        latency,
+    )
     assert cluster.returncode == 0, cluster.stdout[-3000:] + cluster.stderr[-3000:]
-    local = snakemake(repo, "--cores", "2", *SMALL, "--config", "run=slurmlocal", "--", similarity.format(run="slurmlocal"))
+    local = snakemake(
+        repo, "--cores", "2", *SMALL, "--config", "run=slurmlocal", "--", similarity.format(run="slurmlocal")
+    )
     assert local.returncode == 0, local.stderr[-3000:]
-    pd.testing.assert_frame_equal(pd.read_csv(repo / similarity.format(run="slurm")),
-                                  pd.read_csv(repo / similarity.format(run="slurmlocal")), rtol=1e-6)
+    pd.testing.assert_frame_equal(
+        pd.read_csv(repo / similarity.format(run="slurm")),
+        pd.read_csv(repo / similarity.format(run="slurmlocal")),
+        rtol=1e-6,
+    )
     jobs = subprocess.run(["scontrol", "-o", "show", "job"], capture_output=True, text=True, check=True).stdout
     gpu_jobs = [line for line in jobs.splitlines() if "Partition=gpu" in line and "TresPerJob=gres:gpu:2" in line]
     assert gpu_jobs and all("JobState=COMPLETED" in line for line in gpu_jobs)  # the latency job: 2 ranks, 2 GPUs
@@ -74,11 +94,26 @@ def test_a_small_target_through_slurm_matches_a_local_run(slurm, repo, tmp_path)
 
 
 def test_a_failing_job_fails_the_run_promptly_and_names_its_log(slurm, repo, tmp_path):
-    (tmp_path / "short.txt").write_text("One line is far too little text for the corpus.\n")  # the job fails, not the config
-    (tmp_path / "broken.yaml").write_text(yaml.safe_dump({"corpus": {"source": "files", "files": [str(tmp_path / "short.txt")]}}))
+    (tmp_path / "short.txt").write_text(
+        "One line is far too little text for the corpus.\n"
+    )  # the job fails, not the config
+    (tmp_path / "broken.yaml").write_text(
+        yaml.safe_dump({"corpus": {"source": "files", "files": [str(tmp_path / "short.txt")]}})
+    )
     start = time.monotonic()
-    result = snakemake(repo, "--cores", "all", *SLURM, *SMALL, str(tmp_path / "broken.yaml"), "--config", "run=slurmfail",
-                       "--", "results/slurmfail/smollm2-135m/corpus.json", timeout=300)
+    result = snakemake(
+        repo,
+        "--cores",
+        "all",
+        *SLURM,
+        *SMALL,
+        str(tmp_path / "broken.yaml"),
+        "--config",
+        "run=slurmfail",
+        "--",
+        "results/slurmfail/smollm2-135m/corpus.json",
+        timeout=300,
+    )
     assert result.returncode != 0 and time.monotonic() - start < 180
     output = result.stdout + result.stderr
     assert "logs/slurmfail/corpus/smollm2-135m.log" in output and ".snakemake/slurm_logs/rule_corpus" in output

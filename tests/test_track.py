@@ -7,9 +7,13 @@ import pytest
 from cqil.cli import main
 from cqil.track import TrackSettings, append, benchmark_json, compare, find, load, package_changes
 
-BASE = {"m/S16-E28-P2-D0/zeroshot/heldout/kl": 0.40, "m/S16-E28-P2-D0/zeroshot/heldout/top1": 0.70,
-        "m/latency/cqil S12-E28-P2-D0/prefill-512/reduction": 0.20, "stage/search/m/seconds": 100.0,
-        "m/unknown_kind": 1.0}
+BASE = {
+    "m/S16-E28-P2-D0/zeroshot/heldout/kl": 0.40,
+    "m/S16-E28-P2-D0/zeroshot/heldout/top1": 0.70,
+    "m/latency/cqil S12-E28-P2-D0/prefill-512/reduction": 0.20,
+    "stage/search/m/seconds": 100.0,
+    "m/unknown_kind": 1.0,
+}
 
 
 def entry(git, label=None, **changes):
@@ -23,16 +27,28 @@ def statuses(new, old, settings=TrackSettings()):
 
 def test_direction_aware_thresholds():
     old = entry("a" * 40)
-    noisy = entry("b" * 40, **{"m__S16-E28-P2-D0__zeroshot__heldout__kl": 0.42,  # +5% KL: within 10%
-                               "stage__search__m__seconds": 140.0})  # +40% time: within 50%
+    noisy = entry(
+        "b" * 40,
+        **{
+            "m__S16-E28-P2-D0__zeroshot__heldout__kl": 0.42,  # +5% KL: within 10%
+            "stage__search__m__seconds": 140.0,
+        },
+    )  # +40% time: within 50%
     assert set(statuses(noisy, old).values()) <= {"ok", "untracked"}
-    worse = entry("c" * 40, **{"m__S16-E28-P2-D0__zeroshot__heldout__kl": 0.50,  # +25% KL: lower is better
-                               "m__S16-E28-P2-D0__zeroshot__heldout__top1": 0.65,  # -5 points: higher is better
-                               "m__latency__cqil S12-E28-P2-D0__prefill-512__reduction": 0.10})
+    worse = entry(
+        "c" * 40,
+        **{
+            "m__S16-E28-P2-D0__zeroshot__heldout__kl": 0.50,  # +25% KL: lower is better
+            "m__S16-E28-P2-D0__zeroshot__heldout__top1": 0.65,  # -5 points: higher is better
+            "m__latency__cqil S12-E28-P2-D0__prefill-512__reduction": 0.10,
+        },
+    )
     found = statuses(worse, old)
     assert [name for name, status in found.items() if status == "regression"] == [
-        "m/S16-E28-P2-D0/zeroshot/heldout/kl", "m/S16-E28-P2-D0/zeroshot/heldout/top1",
-        "m/latency/cqil S12-E28-P2-D0/prefill-512/reduction"]
+        "m/S16-E28-P2-D0/zeroshot/heldout/kl",
+        "m/S16-E28-P2-D0/zeroshot/heldout/top1",
+        "m/latency/cqil S12-E28-P2-D0/prefill-512/reduction",
+    ]
     better = entry("d" * 40, **{"m__S16-E28-P2-D0__zeroshot__heldout__kl": 0.30})
     assert statuses(better, old)["m/S16-E28-P2-D0/zeroshot/heldout/kl"] == "improvement"
     assert statuses(old, old)["m/unknown_kind"] == "untracked"
@@ -44,10 +60,14 @@ def test_direction_aware_thresholds():
 def test_changed_package_versions_stand_beside_the_metrics_that_moved(tmp_path, capsys):
     old = entry("a" * 40) | {"packages": {"torch": "2.13.0+cpu", "transformers": "5.23.0", "numpy": "2.4.6"}}
     new = entry("b" * 40, **{"m__S16-E28-P2-D0__zeroshot__heldout__kl": 0.60}) | {
-        "packages": {"torch": "2.13.0+cpu", "transformers": "5.24.0", "numpy": "2.4.6", "tokenizers": "0.23.1"}}
+        "packages": {"torch": "2.13.0+cpu", "transformers": "5.24.0", "numpy": "2.4.6", "tokenizers": "0.23.1"}
+    }
     assert package_changes(new, old) == ["tokenizers - -> 0.23.1", "transformers 5.23.0 -> 5.24.0"]
     table = compare(new, old, TrackSettings()).set_index("metric")
-    assert table.loc["m/S16-E28-P2-D0/zeroshot/heldout/kl", "packages"] == "tokenizers - -> 0.23.1; transformers 5.23.0 -> 5.24.0"
+    assert (
+        table.loc["m/S16-E28-P2-D0/zeroshot/heldout/kl", "packages"]
+        == "tokenizers - -> 0.23.1; transformers 5.23.0 -> 5.24.0"
+    )
     assert table.packages.notna().sum() == 1  # only the metric that moved
     # a record from before every package was stored (six `versions`): only the packages both name count
     legacy = entry("c" * 40) | {"versions": {"torch": "2.13.0+cpu", "transformers": "5.23.0", "lm_eval": "0.4.13"}}
@@ -98,9 +118,12 @@ def test_compare_cli_gates_on_regressions(tmp_path, capsys):
     main(["track", "compare", "--history", str(history), "--fail-on-regression"])  # no exit
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_:  # a threshold without its direction: one line, not a TypeError
-        main(["track", "compare", "--history", str(history), "--settings", '{"thresholds": {"kl": {"tolerance": 0.1}}}'])
+        main(
+            ["track", "compare", "--history", str(history), "--settings", '{"thresholds": {"kl": {"tolerance": 0.1}}}']
+        )
     assert exit_.value.code == 2 and capsys.readouterr().err == (  # before the history is read
-        "cqil: error: track.thresholds.kl: {'tolerance': 0.1} needs the keys direction, tolerance, relative\n")
+        "cqil: error: track.thresholds.kl: {'tolerance': 0.1} needs the keys direction, tolerance, relative\n"
+    )
 
 
 def test_github_action_benchmark_export_and_trends(tmp_path):

@@ -12,8 +12,16 @@ from conftest import tiny_model
 from cqil import Plan, PlanError, apply_plan, load_model, remove_plan
 from cqil.layers import CACHE, with_cache
 
-PLANS = ["S2-E6-P2-D0", "S2-E6-P2-D1", "S2-E6-P2-D1-official", "S1-E5-P4-D0", "S1-E5-P4-D1",
-         "S1-E5-P4-D1-official", "S0-E8-P4-D3", "S0-E8-P4-D2-official"]
+PLANS = [
+    "S2-E6-P2-D0",
+    "S2-E6-P2-D1",
+    "S2-E6-P2-D1-official",
+    "S1-E5-P4-D0",
+    "S1-E5-P4-D1",
+    "S1-E5-P4-D1-official",
+    "S0-E8-P4-D3",
+    "S0-E8-P4-D2-official",
+]
 
 
 def reference_logits(model, ids, plan):
@@ -26,9 +34,13 @@ def reference_logits(model, ids, plan):
     inner = model.model
     h = inner.embed_tokens(ids)
     pos = torch.arange(ids.shape[1])[None]
-    kw = dict(attention_mask=create_causal_mask(config=model.config, inputs_embeds=h, attention_mask=None,
-                                                position_ids=pos, **with_cache(None)),
-              position_embeddings=inner.rotary_emb(h, position_ids=pos), position_ids=pos)
+    kw = dict(
+        attention_mask=create_causal_mask(
+            config=model.config, inputs_embeds=h, attention_mask=None, position_ids=pos, **with_cache(None)
+        ),
+        position_embeddings=inner.rotary_emb(h, position_ids=pos),
+        position_ids=pos,
+    )
     starts = {g.start: [inner.layers[j] for j in g] for g in plan.groups()} if plan else {}
     i = 0
     while i < len(inner.layers):
@@ -90,6 +102,7 @@ def test_empty_and_one_layer_groups_are_the_original(family, name):
 def test_group_of_one_layer_is_the_layer():
     # P=1 plans skip the grouped forward; the mechanism itself also reduces to the layer (float64).
     from cqil.transform import group_forward
+
     model = tiny_model()
     layer, h = model.model.layers[3], torch.randn(2, 7, 64, dtype=torch.float64)
     pos = torch.arange(7)[None]
@@ -121,6 +134,7 @@ def test_foreign_forwards_are_refused_and_kept():
 
 def test_planned_restores_the_models_own_plan():
     from cqil.transform import planned
+
     model, ids = tiny_model(), ids_batch()
     apply_plan(model, Plan.parse("S0-E8-P4-D1"))
     with torch.no_grad():
@@ -155,8 +169,15 @@ def test_cached_generation_equals_uncached(family, name):
     mask = torch.ones_like(ids)
     ids[0, :2], mask[0, :2] = 0, 0  # row 0 is left-padded by two tokens
     model.generation_config.eos_token_id = None  # no stopping and no EOS suppression: plain argmax
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=tokens, do_sample=False,
-                         return_dict_in_generate=True, output_logits=True, pad_token_id=0)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=tokens,
+        do_sample=False,
+        return_dict_in_generate=True,
+        output_logits=True,
+        pad_token_id=0,
+    )
     # every layer, grouped or not, has its own cache entry holding every position
     cache = getattr(out, CACHE)
     assert len(cache.layers) == 8
@@ -191,6 +212,7 @@ def test_loss_and_gradients_match_reference():
     model = tiny_model()
     reference = copy.deepcopy(model)
     apply_plan(model, plan)
+
     def loss(logits):  # next-token cross-entropy in float64 (HF's `labels` loss upcasts only to float32)
         return F.cross_entropy(logits[:, :-1].reshape(-1, 96), ids[:, 1:].reshape(-1))
 
@@ -207,8 +229,13 @@ def test_lora_applies_inside_groups():
     """peft LoRA on a CQIL model == the plan on the merged weights; adapters train in every member."""
     plan, ids = Plan.parse("S2-E6-P2-D1"), ids_batch()
     model = apply_plan(tiny_model(), plan)
-    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,  # random B: adapters matter
-                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    lora = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        init_lora_weights=False,  # random B: adapters matter
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
     student = get_peft_model(model, lora)
     merged = remove_plan(copy.deepcopy(student).merge_and_unload())
     with torch.no_grad():

@@ -60,37 +60,63 @@ def test_each_section_is_its_stages_settings_and_restates_their_defaults():
         settings(SECTIONS["latency"], {"models": ["smollm2-135m"]}, "latency")  # a workflow key: latency_setups
 
 
-@pytest.mark.parametrize("path, value, message", [
-    ("run", "two words", "config.run: 'two words' does not match"),
-    ("corpus.source", "web", "config.corpus.source: 'web' is not one of ['generate', 'files', 'hub']"),
-    ("corpus.sourse", "generate", "config.corpus: Additional properties are not allowed ('sourse' was unexpected)"),
-    ("corpus.blocks.test", 0, "config.corpus.blocks.test: 0 is less than the minimum of 1"),
-    ("search.sizes", [2, "3"], "config.search.sizes[1]: '3' is not of type 'integer'"),
-    ("search.sizes", [1], "config.search.sizes[0]: 1 is less than the minimum of 2"),
-    ("select.metric", "bleu", "config.select.metric: 'bleu' is not one of ['kl', 'perplexity', 'top1']"),
-    ("search.include", ["S18-E28"], "config.search.include[0]: 'S18-E28' does not match"),
-    ("catalog.smollm2-135m.layers", "30", "config.catalog.smollm2-135m.layers: '30' is not of type 'integer'"),
-    ("resources.default.gpu", -1, "config.resources.default.gpu: -1 is less than the minimum of 0"),
-    ("sensitivity", None, "config: 'sensitivity' is a required property"),
-    # checks that need the layer count of each model
-    ("search.ends", [26, 32], "config.search.ends[1]: 32 does not fit model 'smollm2-135m' with 30 layers"),
-    ("search.include", ["S18-E32-P2-D0"], "config.search.include[0]: plan S18-E32-P2-D0: E=32 exceeds the model's 30 layers"),
-    ("select.always", ["S18-E28-P3-D0"], "config.select.always[0]: plan S18-E28-P3-D0: E-S=10 must be a multiple of P=3"),
-    ("models", ["llama-7b"], "config.models[0]: 'llama-7b' is not in config.catalog (smollm2-135m, llama-135m)"),
-    ("latency_setups.tp_degrees", [1], "config.latency_setups.tp_degrees[0]: 1 is less than the minimum of 2"),
-    ("latency_setups.models", ["llama-7b"], "config.latency_setups.models[0]: 'llama-7b' is not in config.catalog"),
-    ("latency_setups.plans", ["S12-E32-P2-D0"],
-     "config.latency_setups.plans[0]: plan S12-E32-P2-D0: E=32 exceeds the model's 30 layers"),
-    ("simulate.plans", {"llama-8b": []}, "config.simulate.plans: unknown shape 'llama-8b'"),
-    ("simulate.hardware", ["TPU"], "config.simulate.hardware: unknown preset 'TPU'"),
-    ("catalog.smollm2-135m.heads", None, "config.catalog.smollm2-135m: needs heads for config.latency_setups.tp_degrees"),
-    ("search.sizes", [11], "config.search: the grid has no valid plan for model 'smollm2-135m'"),
-    # checks that the stages' settings make, before any job
-    ("corpus.files", ["nowhere.txt"], "config.corpus.files[0]: 'nowhere.txt' not found"),
-    ("evaluate.tasks", ["arc_easy_local"], "config.evaluate.tasks: arc_easy_local: local tasks need evaluate.data_dir"),
-    ("evaluate.data_dir", "nowhere", "config.evaluate.data_dir: 'nowhere' is not a directory"),
-    ("track.thresholds", {"kl": {"tolerance": 0.1}}, "config.track.thresholds.kl: 'direction' is a required property"),
-])
+@pytest.mark.parametrize(
+    "path, value, message",
+    [
+        ("run", "two words", "config.run: 'two words' does not match"),
+        ("corpus.source", "web", "config.corpus.source: 'web' is not one of ['generate', 'files', 'hub']"),
+        ("corpus.sourse", "generate", "config.corpus: Additional properties are not allowed ('sourse' was unexpected)"),
+        ("corpus.blocks.test", 0, "config.corpus.blocks.test: 0 is less than the minimum of 1"),
+        ("search.sizes", [2, "3"], "config.search.sizes[1]: '3' is not of type 'integer'"),
+        ("search.sizes", [1], "config.search.sizes[0]: 1 is less than the minimum of 2"),
+        ("select.metric", "bleu", "config.select.metric: 'bleu' is not one of ['kl', 'perplexity', 'top1']"),
+        ("search.include", ["S18-E28"], "config.search.include[0]: 'S18-E28' does not match"),
+        ("catalog.smollm2-135m.layers", "30", "config.catalog.smollm2-135m.layers: '30' is not of type 'integer'"),
+        ("resources.default.gpu", -1, "config.resources.default.gpu: -1 is less than the minimum of 0"),
+        ("sensitivity", None, "config: 'sensitivity' is a required property"),
+        # checks that need the layer count of each model
+        ("search.ends", [26, 32], "config.search.ends[1]: 32 does not fit model 'smollm2-135m' with 30 layers"),
+        (
+            "search.include",
+            ["S18-E32-P2-D0"],
+            "config.search.include[0]: plan S18-E32-P2-D0: E=32 exceeds the model's 30 layers",
+        ),
+        (
+            "select.always",
+            ["S18-E28-P3-D0"],
+            "config.select.always[0]: plan S18-E28-P3-D0: E-S=10 must be a multiple of P=3",
+        ),
+        ("models", ["llama-7b"], "config.models[0]: 'llama-7b' is not in config.catalog (smollm2-135m, llama-135m)"),
+        ("latency_setups.tp_degrees", [1], "config.latency_setups.tp_degrees[0]: 1 is less than the minimum of 2"),
+        ("latency_setups.models", ["llama-7b"], "config.latency_setups.models[0]: 'llama-7b' is not in config.catalog"),
+        (
+            "latency_setups.plans",
+            ["S12-E32-P2-D0"],
+            "config.latency_setups.plans[0]: plan S12-E32-P2-D0: E=32 exceeds the model's 30 layers",
+        ),
+        ("simulate.plans", {"llama-8b": []}, "config.simulate.plans: unknown shape 'llama-8b'"),
+        ("simulate.hardware", ["TPU"], "config.simulate.hardware: unknown preset 'TPU'"),
+        (
+            "catalog.smollm2-135m.heads",
+            None,
+            "config.catalog.smollm2-135m: needs heads for config.latency_setups.tp_degrees",
+        ),
+        ("search.sizes", [11], "config.search: the grid has no valid plan for model 'smollm2-135m'"),
+        # checks that the stages' settings make, before any job
+        ("corpus.files", ["nowhere.txt"], "config.corpus.files[0]: 'nowhere.txt' not found"),
+        (
+            "evaluate.tasks",
+            ["arc_easy_local"],
+            "config.evaluate.tasks: arc_easy_local: local tasks need evaluate.data_dir",
+        ),
+        ("evaluate.data_dir", "nowhere", "config.evaluate.data_dir: 'nowhere' is not a directory"),
+        (
+            "track.thresholds",
+            {"kl": {"tolerance": 0.1}},
+            "config.track.thresholds.kl: 'direction' is a required property",
+        ),
+    ],
+)
 def test_bad_config_fails_with_one_line(path, value, message):
     config = edited(path, value)
     if path == "search.sizes" and value == [11]:
@@ -109,20 +135,40 @@ def test_snakemake_reports_a_bad_config_before_any_job(tmp_path):
 
 def test_dry_run_of_the_default():
     out = snakemake("-n", "--config", "run=dryrun").stdout
-    assert jobs(out) == {"prepare_model": 2, "corpus": 1, "similarity": 1, "sensitivity": 1, "search": 1,
-                         "select": 1, "figures": 1, "selected_scores": 1, "finetuned": 1, "quality": 1,
-                         "latency": 7, "latency_table": 2, "simulate": 1, "tables": 1, "track": 1,
-                         "all": 1, "total": 24}  # per-plan jobs come after `select`
+    assert jobs(out) == {
+        "prepare_model": 2,
+        "corpus": 1,
+        "similarity": 1,
+        "sensitivity": 1,
+        "search": 1,
+        "select": 1,
+        "figures": 1,
+        "selected_scores": 1,
+        "finetuned": 1,
+        "quality": 1,
+        "latency": 7,
+        "latency_table": 2,
+        "simulate": 1,
+        "tables": 1,
+        "track": 1,
+        "all": 1,
+        "total": 24,
+    }  # per-plan jobs come after `select`
     # latency: smollm2-135m has 9 heads, so no tp-2; the random llama-135m (8 heads) gets it
     assert "results/dryrun/llama-135m/latency/tp-2.json" in out and "smollm2-135m/latency/tp-2" not in out
 
 
 def test_dry_run_with_another_model(tiny_dir, tmp_path):
-    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump({
-        "run": "dryrun", "models": ["tiny", "smollm2-135m"],
-        "catalog": {"tiny": {"spec": str(tiny_dir), "layers": 8}},
-        "search": {"starts": [2, 4], "ends": [6, 8], "sizes": [2], "include": []},
-    }))
+    (tmp_path / "tiny.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "run": "dryrun",
+                "models": ["tiny", "smollm2-135m"],
+                "catalog": {"tiny": {"spec": str(tiny_dir), "layers": 8}},
+                "search": {"starts": [2, 4], "ends": [6, 8], "sizes": [2], "include": []},
+            }
+        )
+    )
     out = snakemake("-n", "--configfile", str(tmp_path / "tiny.yaml")).stdout
     assert jobs(out)["corpus"] == 2 and jobs(out)["search"] == 2
     assert f"--model {tiny_dir}" in out and "results/dryrun/tiny/search.csv" in out
@@ -146,8 +192,11 @@ def test_lint():
     result = snakemake("--lint", check=False)
     text = result.stdout + result.stderr
     found = re.findall(r"^Lints for rule (\w+) .*:\n((?:    \*.*\n(?:      .*\n)*\n?)+)", text, re.M)
-    rules = set(re.findall(r"^(?:rule|checkpoint) (\w+):", "".join(p.read_text() for p in (ROOT / "workflow").rglob("*.smk")),
-                           re.M))
+    rules = set(
+        re.findall(
+            r"^(?:rule|checkpoint) (\w+):", "".join(p.read_text() for p in (ROOT / "workflow").rglob("*.smk")), re.M
+        )
+    )
     assert result.returncode == 1 and "General lints" not in text, text  # 1: it found the one kind of lint below
     assert {rule for rule, _ in found} == rules and len(rules) >= 15
     titles = {title for _, lints in found for title in re.findall(r"^    \* (.*):$", lints, re.M)}
@@ -163,9 +212,21 @@ def rendered(html: Path, png: Path) -> None:
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         pytest.skip("no chromium: install Debian's `chromium` to check that the report renders")
-    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={png}",
-                    "--window-size=1280,2000", "--virtual-time-budget=10000", html.as_uri()],
-                   check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            f"--screenshot={png}",
+            "--window-size=1280,2000",
+            "--virtual-time-budget=10000",
+            html.as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     pixels = matplotlib.image.imread(png)
     assert pixels.shape[:2] == (2000, 1280) and pixels.std() > 0.05  # text and figures, not an empty page
 
@@ -199,8 +260,17 @@ def test_real_run_on_the_default_model(tmp_path):
     assert (finetuned.kl_before > 0).all() and finetuned.kl_after.notna().all()
     for plan in selected:
         assert (out / "plans" / plan / "loss.png").exists()
-        assert (repo / "resources" / "pytest" / "smollm2-135m" / "plans" / plan / "finetune" / "adapter"
-                / "adapter_model.safetensors").exists()
+        assert (
+            repo
+            / "resources"
+            / "pytest"
+            / "smollm2-135m"
+            / "plans"
+            / plan
+            / "finetune"
+            / "adapter"
+            / "adapter_model.safetensors"
+        ).exists()
     quality = pd.read_csv(out / "quality.csv")
     variants = set(zip(quality.plan, quality.stage))
     assert variants == {("original", "original")} | {(p, s) for p in selected for s in ("zeroshot", "finetuned")}
@@ -233,13 +303,15 @@ def test_real_run_on_the_default_model(tmp_path):
     assert "search" not in changed and "corpus" not in changed and changed["select"] == 1
     # a fine-tuning job with several GPUs is launched by torchrun, a process per GPU
     (tmp_path / "gpus.yaml").write_text("resources:\n  finetune: {gpu: 2}\n")
-    multi = run("--configfile", "tests/data/small.yaml", str(tmp_path / "gpus.yaml"), "--config", "run=pytest",
-                "-n", "-p").stdout
+    multi = run(
+        "--configfile", "tests/data/small.yaml", str(tmp_path / "gpus.yaml"), "--config", "run=pytest", "-n", "-p"
+    ).stdout
     assert "torchrun --standalone --nproc_per_node 2 -m cqil --threads 2 finetune" in multi
     # latency jobs on GPUs ask for one per rank
     (tmp_path / "gpus.yaml").write_text("resources:\n  latency: {gpu: 1}\n")
-    multi = run("--configfile", "tests/data/small.yaml", str(tmp_path / "gpus.yaml"), "--config", "run=gpus",
-                "-n", "-p").stdout
+    multi = run(
+        "--configfile", "tests/data/small.yaml", str(tmp_path / "gpus.yaml"), "--config", "run=gpus", "-n", "-p"
+    ).stdout
     for setup, gpus in (("original", 1), ("cqil-S16-E28-P2-D0", 2), ("tp-2", 2)):
         job = multi.split(f"output: results/gpus/llama-135m/latency/{setup}.json")[1].split("Shell command")[0]
         assert f"gpu={gpus}" in job, job

@@ -65,8 +65,9 @@ def init(timeout: float = 300.0, device: str = "auto") -> Ranks:
     if cuda:
         torch.cuda.set_device(where)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout),
-                                device_id=where if cuda else None)
+        dist.init_process_group(
+            "nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout), device_id=where if cuda else None
+        )
     return Ranks(rank, world, where)
 
 
@@ -83,7 +84,7 @@ def pin(ranks: Ranks, threads: int) -> list[int] | None:
     cores = sorted(os.sched_getaffinity(0))  # under SLURM, the job's cores
     if len(cores) < ranks.world * threads:
         return None
-    mine = cores[ranks.rank * threads:(ranks.rank + 1) * threads]
+    mine = cores[ranks.rank * threads : (ranks.rank + 1) * threads]
     bind(mine)
     return mine
 
@@ -103,13 +104,19 @@ def launch(program: list[str], nproc: int) -> None:
     """
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *program]
     with tempfile.TemporaryDirectory() as errors:
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),  # torchrun's default, no warning
-               ERRORS: errors}
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),  # torchrun's default, no warning
+            ERRORS: errors,
+        }
         status = subprocess.run(command, env=env).returncode
         reasons = [path.read_text() for path in sorted(Path(errors).iterdir())]
     if status:  # the ranks' own one-line errors, or where to look
-        raise EngineError(reasons[0] if reasons else
-                          f"{nproc} ranks: torchrun exited with status {status} (the failing rank's error is above)")
+        raise EngineError(
+            reasons[0]
+            if reasons
+            else f"{nproc} ranks: torchrun exited with status {status} (the failing rank's error is above)"
+        )
 
 
 def report_error(message: str) -> None:

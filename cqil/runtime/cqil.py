@@ -32,8 +32,9 @@ from ..transform import attention, check_layer_types, delta, pass_through, remov
 PLACEMENTS = ("replicated", "rank0")
 
 
-def rank_forward(layer, rank: int, bypass: int, official: bool, entry: bool, hidden_states: torch.Tensor,
-                 **kwargs) -> torch.Tensor:
+def rank_forward(
+    layer, rank: int, bypass: int, official: bool, entry: bool, hidden_states: torch.Tensor, **kwargs
+) -> torch.Tensor:
     """This rank's share of a group on the group input `hidden_states` (B, T, C): the whole group's output.
 
     `entry`: the first group under rank-0 placement, whose input only rank 0 has computed.
@@ -46,7 +47,7 @@ def rank_forward(layer, rank: int, bypass: int, official: bool, entry: bool, hid
     if bypass:
         attn_outputs = [torch.empty_like(attn) for _ in range(dist.get_world_size())]
         dist.all_gather(attn_outputs, attn.contiguous())
-        bypassed = sum(attn_outputs[max(0, rank - bypass):rank])
+        bypassed = sum(attn_outputs[max(0, rank - bypass) : rank])
     summed = delta(layer, hidden_states, attn, bypassed, official)
     dist.all_reduce(summed)  # sum over the group's layers, one per rank
     return hidden_states + summed

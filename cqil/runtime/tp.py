@@ -19,9 +19,15 @@ from ..layers import decoder_layers
 
 
 def layer_plan() -> dict:
-    return {"self_attn.q_proj": ColwiseParallel(), "self_attn.k_proj": ColwiseParallel(),
-            "self_attn.v_proj": ColwiseParallel(), "self_attn.o_proj": RowwiseParallel(),
-            "mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(), "mlp.down_proj": RowwiseParallel()}
+    return {
+        "self_attn.q_proj": ColwiseParallel(),
+        "self_attn.k_proj": ColwiseParallel(),
+        "self_attn.v_proj": ColwiseParallel(),
+        "self_attn.o_proj": RowwiseParallel(),
+        "mlp.gate_proj": ColwiseParallel(),
+        "mlp.up_proj": ColwiseParallel(),
+        "mlp.down_proj": RowwiseParallel(),
+    }
 
 
 def check_degree(config, degree: int) -> None:
@@ -29,8 +35,10 @@ def check_degree(config, degree: int) -> None:
     heads, kv_heads, width = config.num_attention_heads, config.num_key_value_heads, config.intermediate_size
     if degree < 1 or heads % degree or kv_heads % degree or width % degree:
         allowed = [d for d in range(1, kv_heads + 1) if not (heads % d or kv_heads % d or width % d)]
-        raise EngineError(f"tp degree {degree}: the model has {heads} attention heads, {kv_heads} KV heads and "
-                          f"MLP width {width}; the degree must divide all three (allowed: {', '.join(map(str, allowed))})")
+        raise EngineError(
+            f"tp degree {degree}: the model has {heads} attention heads, {kv_heads} KV heads and "
+            f"MLP width {width}; the degree must divide all three (allowed: {', '.join(map(str, allowed))})"
+        )
 
 
 def shard(model, degree: int, device_type: str):

@@ -147,7 +147,9 @@ def latency_setups(model):
     entry, wanted = config["catalog"][model], config["latency_setups"]
     degrees = [n for n in wanted["tp_degrees"] if entry["heads"] % n == 0 and entry["kv_heads"] % n == 0]
     plans = dict.fromkeys(wanted["plans"] + model_plans(model))
-    return [Setup("original")] + [Setup.parse(f"cqil-{plan}") for plan in plans] + [Setup("tp", degree=n) for n in degrees]
+    return (
+        [Setup("original")] + [Setup.parse(f"cqil-{plan}") for plan in plans] + [Setup("tp", degree=n) for n in degrees]
+    )
 
 
 def latency_files(model):
@@ -161,8 +163,11 @@ def latency_inputs(wildcards):
 def engine_args(wildcards):
     """`cqil latency` flags of a setup."""
     setup = Setup.parse(wildcards.setup)
-    return f"--engine {setup.engine}" + (f" --plan {setup.plan}" if setup.plan else "") + (
-        f" --degree {setup.degree}" if setup.engine == "tp" else "")
+    return (
+        f"--engine {setup.engine}"
+        + (f" --plan {setup.plan}" if setup.plan else "")
+        + (f" --degree {setup.degree}" if setup.engine == "tp" else "")
+    )
 
 
 def latency_gpus(wildcards):
@@ -174,9 +179,18 @@ FIGURES = ["similarity_heatmap", "similarity_adjacent", "sensitivity", "frontier
 
 
 def final_targets():
-    return expand(
-        [f"{RESULTS}/corpus.json", f"{RESULTS}/selected_scores.csv", f"{RESULTS}/finetuned.csv", f"{RESULTS}/quality.csv"]
-        + [f"{RESULTS}/figures/{name}.png" for name in FIGURES],
-        model=config["models"],
-    ) + expand([f"{RESULTS}/latency.csv", f"{RESULTS}/figures/latency.png"], model=LATENCY_MODELS) + (
-        [f"{SIMULATION}/predictions.csv"] if LATENCY_MODELS else []) + [f"{TABLES}/quality.csv"]
+    return (
+        expand(
+            [
+                f"{RESULTS}/corpus.json",
+                f"{RESULTS}/selected_scores.csv",
+                f"{RESULTS}/finetuned.csv",
+                f"{RESULTS}/quality.csv",
+            ]
+            + [f"{RESULTS}/figures/{name}.png" for name in FIGURES],
+            model=config["models"],
+        )
+        + expand([f"{RESULTS}/latency.csv", f"{RESULTS}/figures/latency.png"], model=LATENCY_MODELS)
+        + ([f"{SIMULATION}/predictions.csv"] if LATENCY_MODELS else [])
+        + [f"{TABLES}/quality.csv"]
+    )

@@ -4,9 +4,6 @@ rule corpus:
     output:
         blocks=f"{RESOURCES}/corpus.pt",
         summary=f"{RESULTS}/corpus.json",
-    params:
-        spec=spec,
-        settings=settings("corpus"),
     log:
         log_path("corpus"),
     benchmark:
@@ -14,6 +11,9 @@ rule corpus:
     threads: res("corpus", "threads")
     resources:
         **job_resources("corpus"),
+    params:
+        spec=spec,
+        settings=settings("corpus"),
     shell:
         "cqil --threads {threads} corpus --settings {params.settings} --model {params.spec:q}"
         " --out {output.blocks} --summary {output.summary} > {log} 2>&1"

@@ -4,11 +4,6 @@ rule evaluate:
         unpack(variant_inputs),
     output:
         f"{RESULTS}/eval/{{variant}}.json",
-    params:
-        spec=spec,
-        dtype=dtype,
-        variant=variant_args,
-        settings=settings("evaluate"),
     log:
         f"logs/{config['run']}/evaluate/{{model}}/{{variant}}.log",
     benchmark:
@@ -16,6 +11,11 @@ rule evaluate:
     threads: res("evaluate", "threads")
     resources:
         **job_resources("evaluate"),
+    params:
+        spec=spec,
+        dtype=dtype,
+        variant=variant_args,
+        settings=settings("evaluate"),
     shell:
         "cqil --threads {threads} evaluate --settings {params.settings} --model {params.spec:q} --dtype {params.dtype}"
         " {params.variant} --corpus {input.corpus} --out {output} > {log} 2>&1"

@@ -4,14 +4,12 @@ rule finetune:
     output:
         adapter=directory(f"{RESOURCES}/plans/{{plan}}/finetune/adapter"),
         summary=f"{RESULTS}/plans/{{plan}}/finetune.json",
-        figure=report(f"{RESULTS}/plans/{{plan}}/loss.png", caption="../report/loss.rst", category="Fine-tuning",
-                      subcategory="{model}"),
-    params:
-        spec=spec,
-        dtype=dtype,
-        settings=settings("finetune"),
-        out_dir=f"{RESOURCES}/plans/{{plan}}/finetune",  # the checkpoint here survives a killed job
-        launcher=launcher("finetune"),
+        figure=report(
+            f"{RESULTS}/plans/{{plan}}/loss.png",
+            caption="../report/loss.rst",
+            category="Fine-tuning",
+            subcategory="{model}",
+        ),
     log:
         f"logs/{config['run']}/finetune/{{model}}/{{plan}}.log",
     benchmark:
@@ -19,6 +17,12 @@ rule finetune:
     threads: res("finetune", "threads")
     resources:
         **job_resources("finetune"),
+    params:
+        spec=spec,
+        dtype=dtype,
+        settings=settings("finetune"),
+        out_dir=f"{RESOURCES}/plans/{{plan}}/finetune",  # the checkpoint here survives a killed job
+        launcher=launcher("finetune"),
     shell:
         "{params.launcher} --threads {threads} finetune --settings {params.settings} --model {params.spec:q}"
         " --dtype {params.dtype} --plan {wildcards.plan} --corpus {input} --out-dir {params.out_dir}"

@@ -5,11 +5,6 @@ rule latency:
         rules.prepare_model.output,
     output:
         f"{RESULTS}/latency/{{setup}}.json",
-    params:
-        spec=spec,
-        dtype=dtype,
-        engine=engine_args,
-        settings=settings("latency"),
     log:
         f"logs/{config['run']}/latency/{{model}}/{{setup}}.log",
     benchmark:
@@ -17,6 +12,11 @@ rule latency:
     threads: all_cores
     resources:
         **job_resources("latency", gpu=latency_gpus),
+    params:
+        spec=spec,
+        dtype=dtype,
+        engine=engine_args,
+        settings=settings("latency"),
     shell:
         "cqil latency --settings {params.settings} --model {params.spec:q} --dtype {params.dtype} {params.engine}"
         " --out {output} > {log} 2>&1"
@@ -29,14 +29,18 @@ rule latency_table:
     output:
         table=f"{RESULTS}/latency.csv",
         markdown=f"{RESULTS}/latency.md",
-        figure=report(f"{RESULTS}/figures/latency.png", caption="../report/latency.rst", category="Latency",
-                      subcategory="{model}"),
+        figure=report(
+            f"{RESULTS}/figures/latency.png",
+            caption="../report/latency.rst",
+            category="Latency",
+            subcategory="{model}",
+        ),
         pdf=f"{RESULTS}/figures/latency.pdf",
-    params:
-        figure=f"{RESULTS}/figures/latency",
     log:
         log_path("latency_table"),
     threads: 1
+    params:
+        figure=f"{RESULTS}/figures/latency",
     shell:
         "cqil latency-table {input} --out {output.table} --figure {params.figure} --title {wildcards.model}"
         " > {log} 2>&1"

@@ -1,9 +1,6 @@
 rule prepare_model:
     output:
         f"{RESULTS}/model.json",
-    params:
-        spec=spec,
-        layers=layers,
     log:
         log_path("prepare_model"),
     benchmark:
@@ -11,5 +8,8 @@ rule prepare_model:
     threads: res("prepare_model", "threads")
     resources:
         **job_resources("prepare_model"),
+    params:
+        spec=spec,
+        layers=layers,
     shell:
         "cqil --threads {threads} prepare --model {params.spec:q} --layers {params.layers} --out {output} > {log} 2>&1"

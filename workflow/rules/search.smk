@@ -4,10 +4,6 @@ rule search:
     output:
         table=f"{RESULTS}/search.csv",
         summary=f"{RESULTS}/search.json",  # written beside the table, with its provenance
-    params:
-        spec=spec,
-        dtype=dtype,
-        settings=model_settings("search", "include"),
     log:
         log_path("search"),
     benchmark:
@@ -15,6 +11,10 @@ rule search:
     threads: res("search", "threads")
     resources:
         **job_resources("search"),
+    params:
+        spec=spec,
+        dtype=dtype,
+        settings=model_settings("search", "include"),
     shell:
         "cqil --threads {threads} search --settings {params.settings} --model {params.spec:q} --dtype {params.dtype}"
         " --corpus {input} --out {output.table} > {log} 2>&1"
@@ -26,13 +26,13 @@ checkpoint select:
         rules.search.output.table,
     output:
         f"{RESULTS}/selected.json",
-    params:
-        settings=model_settings("select", "always"),
     log:
         log_path("select"),
     benchmark:
         log_path("select", "benchmark.tsv")
     threads: 1
+    params:
+        settings=model_settings("select", "always"),
     shell:
         "cqil select --settings {params.settings} --search {input} --out {output} > {log} 2>&1"
 
@@ -42,10 +42,6 @@ rule score:
         rules.corpus.output.blocks,
     output:
         f"{RESULTS}/plans/{{plan}}/scores.json",
-    params:
-        spec=spec,
-        dtype=dtype,
-        settings=settings("score"),
     log:
         f"logs/{config['run']}/score/{{model}}/{{plan}}.log",
     benchmark:
@@ -53,6 +49,10 @@ rule score:
     threads: res("score", "threads")
     resources:
         **job_resources("score"),
+    params:
+        spec=spec,
+        dtype=dtype,
+        settings=settings("score"),
     shell:
         "cqil --threads {threads} score --settings {params.settings} --model {params.spec:q} --dtype {params.dtype}"
         " --plan {wildcards.plan} --corpus {input} --out {output} > {log} 2>&1"

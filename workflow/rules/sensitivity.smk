@@ -4,10 +4,6 @@ rule sensitivity:
     output:
         table=f"{RESULTS}/sensitivity.csv",
         summary=f"{RESULTS}/sensitivity.json",  # written beside the table, with its provenance
-    params:
-        spec=spec,
-        dtype=dtype,
-        settings=settings("sensitivity"),
     log:
         log_path("sensitivity"),
     benchmark:
@@ -15,6 +11,10 @@ rule sensitivity:
     threads: res("sensitivity", "threads")
     resources:
         **job_resources("sensitivity"),
+    params:
+        spec=spec,
+        dtype=dtype,
+        settings=settings("sensitivity"),
     shell:
         "cqil --threads {threads} sensitivity --settings {params.settings} --model {params.spec:q} --dtype {params.dtype}"
         " --corpus {input} --out {output.table} > {log} 2>&1"

@@ -4,10 +4,6 @@ rule similarity:
     output:
         table=f"{RESULTS}/similarity.csv",
         summary=f"{RESULTS}/similarity.json",  # written beside the table, with its provenance
-    params:
-        spec=spec,
-        dtype=dtype,
-        settings=settings("similarity"),
     log:
         log_path("similarity"),
     benchmark:
@@ -15,6 +11,10 @@ rule similarity:
     threads: res("similarity", "threads")
     resources:
         **job_resources("similarity"),
+    params:
+        spec=spec,
+        dtype=dtype,
+        settings=settings("similarity"),
     shell:
         "cqil --threads {threads} similarity --settings {params.settings} --model {params.spec:q} --dtype {params.dtype}"
         " --corpus {input} --out {output.table} > {log} 2>&1"

@@ -7,14 +7,16 @@ rule simulate:
         multiext(f"{SIMULATION}/validation", ".csv", ".md"),
         multiext(f"{SIMULATION}/crossover", ".csv", ".md"),
         f"{SIMULATION}/simulation.json",
-        [report(f"{SIMULATION}/{name}.png", caption=f"../report/{name}.rst", category="Latency")
-         for name in SIMULATION_FIGURES],
+        [
+            report(f"{SIMULATION}/{name}.png", caption=f"../report/{name}.rst", category="Latency")
+            for name in SIMULATION_FIGURES
+        ],
         [f"{SIMULATION}/{name}.pdf" for name in SIMULATION_FIGURES],
-    params:
-        settings=settings("simulate"),
-        out_dir=output_dir,
     log:
         f"logs/{config['run']}/simulate.log",
     threads: 1
+    params:
+        settings=settings("simulate"),
+        out_dir=output_dir,
     shell:
         "cqil simulate --settings {params.settings} --latency {input} --out-dir {params.out_dir} > {log} 2>&1"

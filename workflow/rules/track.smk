@@ -5,6 +5,9 @@ rule track:
         final_targets(),
     output:
         f"results/{config['run']}/track/record.json",
+    log:
+        f"logs/{config['run']}/track.log",
+    threads: 1
     params:
         settings=settings("track"),
         history="results/history.jsonl",  # every run's record, appended: not a file of this run
@@ -12,9 +15,6 @@ rule track:
         run_dir=run_folder,
         logs=f"logs/{config['run']}",
         name=config["run"],
-    log:
-        f"logs/{config['run']}/track.log",
-    threads: 1
     shell:
         "cqil track record --settings {params.settings} --run-dir {params.run_dir} --logs {params.logs}"
         " --config {params.config} --config-name {params.name} --history {params.history} --out {output} > {log} 2>&1"
