@@ -108,7 +108,7 @@ def _sensitivity_sums(model, batch: torch.Tensor, variants):
 
 
 def run_similarity(settings: SimilaritySettings, *, model: str, corpus, out, dtype: str = "auto") -> None:
-    """The stage: the similarity matrix as a long CSV (layer_i, layer_j, cosine), adjacent pairs in the JSON beside it."""
+    """The stage: the similarity matrix as a long CSV (layer_i, layer_j, cosine), adjacent pairs in a JSON beside it."""
     blocks = load_split(corpus, settings.split)
     matrix = similarity(load_model(model, dtype=dtype)[0], blocks, batch_size=settings.batch_size)
     size = len(matrix)

@@ -292,8 +292,6 @@ def run_finetune(
     and, with `figure`, the loss curve."""
     import pandas as pd
 
-    from .report import loss_figure
-
     blocks, held_out = load_split(corpus, settings.split), load_split(corpus, settings.eval_split)
     found = finetune(load_model(model, dtype=dtype)[0], plan, blocks, settings, out_dir, eval_blocks=held_out)
     write_json(

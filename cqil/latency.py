@@ -22,6 +22,7 @@ import copy
 import json
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -97,7 +98,8 @@ def prompts(vocab: int, batch: int, length: int, seed: int, pad: int = 0):
 
 
 def forward(model, ids, mask, cache, keep: int):
-    """One cached forward of `ids` (B, T); `mask` covers the cache and `ids`; logits of the last `keep` positions (0: all)."""
+    """One cached forward of `ids` (B, T); `mask` covers the cache and `ids`; logits of the last `keep` positions
+    (0: all)."""
     positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]
     return model(
         input_ids=ids,
@@ -251,7 +253,7 @@ def time_allreduce(ranks, settings: LatencySettings, hidden: int, dtype, sync) -
     for tokens in settings.allreduce_tokens:
         message = torch.randn(settings.batch_size, tokens, hidden, dtype=dtype, device=ranks.device)
         seconds = []
-        for repeat in range(5 + settings.allreduce_repeats):  # 5 warm-up calls: gloo sets up its buffers
+        for _ in range(5 + settings.allreduce_repeats):  # 5 warm-up calls: gloo sets up its buffers
             ranks.barrier()
             sync()
             start = time.perf_counter()
@@ -474,7 +476,7 @@ def _time(call, warmup: int, repeats: int, sync, graphs: bool) -> list[float]:
             call()
         call = graph.replay
     seconds = []
-    for repeat in range(warmup + repeats):
+    for _ in range(warmup + repeats):
         sync()
         start = time.perf_counter()
         call()
@@ -510,18 +512,18 @@ def layer_latency(
         hidden = torch.randn(1, tokens, config.hidden_size, dtype=DTYPES[dtype], device=device)
         positions = torch.arange(tokens, device=device)[None]
         embeddings = rotary(hidden, positions)
-        seconds = _time(
-            lambda: layer(hidden, position_embeddings=embeddings, position_ids=positions), warmup, repeats, sync, graphs
-        )
+        prefill = partial(layer, hidden, position_embeddings=embeddings, position_ids=positions)
+        seconds = _time(prefill, warmup, repeats, sync, graphs)
         records.append({"phase": "prefill", "tokens": tokens, **stats(seconds)})
     cache = StaticCache(config=config, max_cache_len=context + 1)
     hidden = torch.randn(1, 1, config.hidden_size, dtype=DTYPES[dtype], device=device)
     position = torch.tensor([[context]], device=device)
     embeddings, cache_position = rotary(hidden, position), position[0]
-    step = lambda: layer(
+    step = partial(
+        layer,
         hidden,
         position_embeddings=embeddings,
-        position_ids=position,  # noqa: E731
+        position_ids=position,
         use_cache=True,
         cache_position=cache_position,
         **with_cache(cache),

@@ -128,7 +128,8 @@ class Plan:
 
 PLAN_NAME = r"S\d+-E\d+-P\d+-D\d+(?:-official)?"  # as written in paths (`-paper` is the default, left out)
 _SETUP = re.compile(  # a path component (`cqil-S12-E28-P2-D0`, `tp-2`) or a table label (`cqil S12-E28-P2-D0 x tp 2`)
-    rf"(?P<engine>original)(?:, (?P<threads>\d+) threads?)?|(?P<cqil>cqil)[- ](?P<plan>{PLAN_NAME})(?:(?: x |-x-)tp[- ](?P<split>\d+))?"
+    rf"(?P<engine>original)(?:, (?P<threads>\d+) threads?)?"
+    rf"|(?P<cqil>cqil)[- ](?P<plan>{PLAN_NAME})(?:(?: x |-x-)tp[- ](?P<split>\d+))?"
     rf"|(?P<tp>tp)[- ](?P<degree>\d+)"
 )
 SETUP_NAME = rf"original|cqil-{PLAN_NAME}|tp-\d+"  # the path components a latency job writes (a wildcard constraint)

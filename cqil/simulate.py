@@ -140,7 +140,8 @@ def allreduce_time(hw: Hardware, ranks: int, nbytes: float) -> float:
 
 
 def rest_time(shape: dict, hw: Hardware, split: int = 1, dtype_bytes: int = 2) -> float:
-    """Everything outside the layers (the head's weights for one position, embedding, sampling), split as gpt-fast's TP does."""
+    """Everything outside the layers (the head's weights for one position, embedding, sampling), split as gpt-fast's TP
+    does."""
     return (shape["hidden_size"] * shape["vocab_size"] * dtype_bytes / hw.bandwidth + hw.rest_fixed) / split
 
 
@@ -327,7 +328,10 @@ class SimulateSettings:
                 raise CqilError(f"simulate.hardware: unknown preset {name!r}; allowed are {', '.join(HARDWARE)}")
 
 
-def crossover_sweep(settings: SimulateSettings, latencies_us=tuple(np.geomspace(1, 200, 25))) -> list[dict]:
+SWEEP_US = tuple(np.geomspace(1, 200, 25))  # small all-reduce latencies the crossover figure spans
+
+
+def crossover_sweep(settings: SimulateSettings, latencies_us=SWEEP_US) -> list[dict]:
     """Decode latency of the first shape's D0 plans, TP and CQIL x TP as the small all-reduce latency varies,
     on the first hardware preset: where each setup wins."""
     name = next(iter(settings.plans))

@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_model
+
 from cqil import Plan, apply_plan
 from cqil.analysis import sensitivity, similarity
-from cqil.metrics import log_probs, summarize, token_sums
 from cqil.errors import CqilError
+from cqil.metrics import log_probs, summarize, token_sums
 from cqil.search import SelectSettings, score_plans, select
 
 

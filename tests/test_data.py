@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import SHARED_DATA
+
 from cqil.data import SPLITS, CorpusSettings, build_corpus, pack
 from cqil.errors import CqilError
 

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import SHARED_DATA
+
 from cqil import Plan, apply_plan, load_model
 from cqil.metrics import perplexity
 

@@ -1,10 +1,10 @@
 """The lock: the README's commands, .ci/run and environment.yml install it, and this environment is it."""
 
 import re
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 
 from cqil.environment import LOCK, canonical, changes, drift, installed, locked

@@ -3,8 +3,8 @@
 import os
 
 import pytest
-
 from conftest import SHARED_DATA
+
 from cqil.evaluate import lm_eval_tasks, render_tasks
 
 pytestmark = pytest.mark.skipif(not SHARED_DATA.exists(), reason="../shared/data sits beside the checkout in CI")
@@ -72,8 +72,8 @@ def test_corpus_tasks_run_on_a_tiny_model(tmp_path):
     import json
 
     import torch
-
     from conftest import tiny_model, tiny_tokenizer
+
     from cqil.evaluate import build_corpus_tasks
 
     blocks = torch.randint(4, 96, (6, 12), generator=torch.Generator().manual_seed(0))

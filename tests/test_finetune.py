@@ -10,9 +10,9 @@ import time
 
 import pytest
 import torch
+from conftest import tiny_model
 from safetensors.torch import load_file
 
-from conftest import tiny_model
 from cqil import Plan, apply_plan
 from cqil.errors import CqilError
 from cqil.finetune import FinetuneSettings, finetune, lora_config, micro_batch, student_loss

@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import tiny_config, tiny_model
+
 from cqil import Plan, PlanError, load_model
 from cqil.models import ModelError, describe, load_config, resolve
 

@@ -7,7 +7,6 @@ import pytest
 
 from cqil.cli import main
 from cqil.plan import Plan
-from cqil.errors import CqilError
 from cqil.simulate import (
     GPT_FAST,
     HARDWARE,

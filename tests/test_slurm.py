@@ -16,7 +16,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import ROOT, checkout_copy
 
 pytestmark = pytest.mark.slurm

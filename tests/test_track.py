@@ -21,7 +21,8 @@ def entry(git, label=None, **changes):
     return {"date": "2026-11-23T00:00:00+00:00", "git": git, "label": label, "dirty": False, "metrics": metrics}
 
 
-def statuses(new, old, settings=TrackSettings()):
+def statuses(new, old, settings=None):
+    settings = settings or TrackSettings()
     return dict(zip(*compare(new, old, settings)[["metric", "status"]].T.to_numpy()))
 
 

@@ -5,10 +5,10 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_model
 from peft import LoraConfig, get_peft_model
 from transformers.masking_utils import create_causal_mask
 
-from conftest import tiny_model
 from cqil import Plan, PlanError, apply_plan, load_model, remove_plan
 from cqil.layers import CACHE, with_cache
 

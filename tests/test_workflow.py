@@ -2,19 +2,19 @@
 
 import copy
 import json
-from dataclasses import asdict
 import re
 import subprocess
+from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
+from conftest import checkout_copy
 
 from cqil.config import check_config
 from cqil.errors import ConfigError, CqilError
 from cqil.stages import SECTIONS, settings
-from conftest import checkout_copy
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = ROOT / "workflow" / "schemas" / "config.schema.yaml"

@@ -24,7 +24,6 @@ import torch.distributed as dist
 
 from ..errors import EngineError
 
-
 ERRORS = "CQIL_RANK_ERRORS"  # where `launch` asks its ranks to leave their one-line errors
 
 
@@ -99,8 +98,8 @@ def bind(cores) -> None:
 def launch(program: list[str], nproc: int) -> None:
     """Run `program` (`["-m", "cqil", ...]` or `["script.py", ...]`) on `nproc` local ranks with torchrun.
 
-    Raises EngineError if any rank fails. `--standalone` lets torchrun pick a free port, so a busy default port or a second run on the
-    same machine does not collide.
+    Raises EngineError if any rank fails. `--standalone` lets torchrun pick a free port, so a busy default port or a
+    second run on the same machine does not collide.
     """
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *program]
     with tempfile.TemporaryDirectory() as errors:
