@@ -265,15 +265,17 @@ def _save_checkpoint(accelerator, checkpoint: Path, step: int, rows: list[dict],
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (staged / "step.json").write_text(json.dumps({"step": step}))
+        # The losses first, then the checkpoint: a kill between the two leaves more rows than the checkpoint's
+        # step, which resume cuts back (rows[:start]); the other order could leave fewer, and lose steps.
+        with atomic(losses_path) as tmp, open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["step", "loss", "lr"])
+            writer.writeheader()
+            writer.writerows(rows)
         old = checkpoint.with_name(checkpoint.name + ".old")
         if checkpoint.exists():
             os.replace(checkpoint, old)
         os.replace(staged, checkpoint)
         shutil.rmtree(old, ignore_errors=True)
-        with atomic(losses_path) as tmp, open(tmp, "w", newline="") as f:  # resume keeps rows up to its step
-            writer = csv.DictWriter(f, fieldnames=["step", "loss", "lr"])
-            writer.writeheader()
-            writer.writerows(rows)
     accelerator.wait_for_everyone()
 
 
