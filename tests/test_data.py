@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import SHARED_DATA
+from conftest import ROOT, SHARED_DATA
 
 from cqil.data import SPLITS, CorpusSettings, build_corpus, pack
 from cqil.errors import CqilError
@@ -28,7 +28,7 @@ def test_pack_gives_each_split_whole_documents():
     [
         (dict(source="web"), "corpus.source: 'web' is not one of generate, files, hub"),
         (dict(blocks={"search": 1}), "need exactly the splits calibration, search, finetune, test"),
-        (dict(source="files"), "source=files needs at least one file"),
+        (dict(source="files", files=[]), "source=files needs at least one file"),
         (dict(source="files", files=["nowhere.txt"]), r"corpus.files\[0\]: 'nowhere.txt' not found"),
         (dict(source="hub"), "source=hub needs a dataset id"),
     ],
@@ -39,7 +39,7 @@ def test_bad_settings_fail_with_one_line(settings, message):
 
 
 def test_generated_corpus_is_deterministic(tiny_dir):
-    settings = CorpusSettings(block_size=16, blocks=SMALL, max_new_tokens=12, batch_size=4, seed=3)
+    settings = CorpusSettings(source="generate", block_size=16, blocks=SMALL, max_new_tokens=12, batch_size=4, seed=3)
     first, summary = build_corpus(str(tiny_dir), settings)
     second, _ = build_corpus(str(tiny_dir), settings)
     assert all(torch.equal(first[s], second[s]) for s in SPLITS)
@@ -72,3 +72,18 @@ def test_wikitext_from_shared_data():
     )
     assert summary["samples"][0].startswith("= Robert Boulter =")
     assert sum(len(b) for b in blocks.values()) == sum(SMALL.values())
+
+
+def test_the_shipped_data_is_byte_exact_and_listed():
+    """data/ holds exactly the files SHA256SUMS lists, each with its checksum, which is the shared copy's."""
+    import hashlib
+
+    data = ROOT / "data"
+    listed = dict(reversed(line.split(maxsplit=1)) for line in (data / "SHA256SUMS").read_text().splitlines())
+    present = {f"./{p.relative_to(data)}" for p in data.rglob("*") if p.is_file()} - {"./SHA256SUMS", "./SOURCES.md"}
+    assert set(listed) == present
+    for name, digest in listed.items():
+        assert hashlib.sha256((data / name).read_bytes()).hexdigest() == digest, name
+    if (SHARED_DATA / "SHA256SUMS").exists():
+        shared = set((SHARED_DATA / "SHA256SUMS").read_text().splitlines())
+        assert all(f"{digest}  {name}" in shared for name, digest in listed.items())
