@@ -73,7 +73,7 @@ POSITIONAL = ("inputs", "action")
 def stage_parser(sub, name: str, settings_class, run) -> None:
     """The sub-command of one stage, from its run function's signature: no default means required."""
     summary = " ".join(run.__doc__.split()).removeprefix("The stage: ").split(". ")[0]
-    parser = sub.add_parser(name, help=summary, description=run.__doc__)
+    parser = sub.add_parser(name, help=summary.replace("%", "%%"), description=run.__doc__)  # help is %-formatted
     parser.set_defaults(func=lambda args: run_stage(name, args))
     if settings_class:
         parser.add_argument(

@@ -88,11 +88,11 @@ TOPICS = [
 
 @dataclass(frozen=True)
 class CorpusSettings:
-    source: str = "generate"  # generate | files | hub
+    source: str = "files"  # files | generate | hub
     block_size: int = 256  # tokens per block
     blocks: dict = field(default_factory=lambda: {"calibration": 8, "search": 8, "finetune": 64, "test": 8})
     seed: int = 0  # sampling seed (generate) and nothing else: files and hub are read in order
-    files: list = field(default_factory=list)  # source=files: text or JSONL paths
+    files: list = field(default_factory=lambda: ["data/wikitext-2/wiki.valid.tokens"])  # source=files: text or JSONL
     text_field: str = "text"  # JSONL / hub field that holds a document's text
     hub_path: str | None = None  # source=hub: dataset id, e.g. "allenai/c4"
     hub_name: str | None = None  # source=hub: dataset config, e.g. "en"

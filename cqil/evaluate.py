@@ -1,61 +1,124 @@
-"""lm-eval on the in-memory model (plan and adapters included), with task configs that run offline.
+"""Evaluate one variant on real benchmarks: lm-eval on the in-memory model (plan and adapters included), offline,
+and WikiText-2 perplexity; every question's score is kept, for the paired intervals of `quality.py`.
 
-    lm_eval_tasks(model, tokenizer, ["arc_easy_local"], render_tasks(tmp, data_dir="../shared/data"))
+    lm_eval_tasks(model, tokenizer, ["arc_easy_local"], render_tasks(tmp, data_dir="data"))
+    run_evaluate(EvaluateSettings(), model="smollm2-135m", out="eval/original.json")   # the stage
 
 The lm-eval tasks in `cqil/tasks/` are the harness's own task configs pointed at local files
-(`dataset_path: json` / `csv`, `${data_dir}` filled in by `render_tasks`), so they run offline.
-Stages: `run_evaluate` (one variant: the original, a plan zero-shot, or a plan with its fine-tuned
-adapter) and `run_quality` (the table of every variant, with the held-out scores).
+(`dataset_path: json` / `csv`, `${data_dir}` filled in by `render_tasks`), so they run offline; the data
+of the default ships in `data/` (provenance: data/SOURCES.md). `questions` evaluates a seeded subset of a
+task, the same questions for every variant, so that differences between variants are paired.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import re
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from string import Template
 
-import pandas as pd
 import torch
 
 from .data import load_split
 from .errors import CqilError
-from .io import provenance, write_csv, write_json, write_markdown
+from .io import provenance, write_json
+from .metrics import block_nll
 from .models import load_model
 from .plan import Plan
 
-QUALITY_METRICS = ("acc", "acc_norm", "word_perplexity")  # of the lm-eval results, what the quality table keeps
-HELDOUT_METRICS = ("perplexity", "kl", "top1")  # on the corpus's held-out blocks, against the original
+TASKS = Path(__file__).parent / "tasks"
+CORPUS_TASKS = ("cqil_heldout", "cqil_cloze")  # built from the corpus's test blocks (no outside data)
+TASK_ITEMS = ("acc", "acc_norm")  # the per-question scores kept of a multiple-choice task
+
+
+def local_tasks() -> dict[str, str]:
+    """The task YAMLs shipped in `cqil/tasks/`: name -> template text."""
+    return {path.stem: path.read_text() for path in sorted(TASKS.glob("*.yaml"))}
+
+
+def task_files(template: str, data_dir) -> list[Path]:
+    """The data files (or glob patterns) a task template reads, under `data_dir`."""
+    return [Path(data_dir) / name for name in re.findall(r"\$\{data_dir\}/(\S+)", template)]
+
+
+def present(path: Path) -> bool:
+    """A file, or a glob pattern that matches at least one."""
+    return path.is_file() if "*" not in path.name else any(path.parent.glob(path.name))
 
 
 @dataclass(frozen=True)
 class EvaluateSettings:
-    split: str = "test"  # corpus blocks that become the cqil_heldout / cqil_cloze tasks
-    tasks: list = field(default_factory=lambda: ["cqil_heldout", "cqil_cloze"])  # also *_local tasks, or lm-eval's own
-    data_dir: str | None = None  # evaluation data in the layout of ../shared/data (for the *_local tasks)
-    limit: int | None = None  # documents per task (None: all)
-    batch_size: int = 8
+    data_dir: str | None = "data"  # evaluation data in the layout of data/ (the *_local tasks)
+    tasks: list = field(  # *_local tasks (cqil/tasks/), cqil_heldout / cqil_cloze (the corpus), or lm-eval's own
+        default_factory=lambda: [
+            "arc_easy_local",
+            "arc_challenge_local",
+            "piqa_local",
+            "winogrande_local",
+            "openbookqa_local",
+        ]
+    )
+    questions: dict = field(  # task -> a seeded subset of this many questions (a task not named here: all of it)
+        default_factory=lambda: {
+            "arc_easy_local": 500,
+            "arc_challenge_local": 200,
+            "piqa_local": 500,
+            "winogrande_local": 200,
+            "openbookqa_local": 200,
+        }
+    )
+    seed: int = 0  # of the question subsets
+    wikitext: str | None = "data/wikitext-2-raw/wiki.test.raw"  # WikiText-2 raw test: perplexity (null: none)
+    wikitext_tokens: int = 8192  # its budget: the first this many tokens of the file ...
+    wikitext_block: int = 512  # ... in blocks of this many, each scored on its own
+    split: str = "test"  # corpus blocks that become the cqil_heldout / cqil_cloze tasks, when asked for
     cloze_choices: int = 4
+    limit: int | None = None  # lm-eval's own cut: the first n documents of every task (for tests)
+    batch_size: int = 8
 
     def __post_init__(self):  # checked before any model loads, and by check_config before any job
+        local = local_tasks()
         if self.data_dir is not None and not Path(self.data_dir).is_dir():
             raise CqilError(f"evaluate.data_dir: {self.data_dir!r} is not a directory")
-        if self.data_dir is None and (local := [t for t in self.tasks if t.endswith("_local")]):
+        for i, task in enumerate(self.tasks):
+            if task.endswith("_local") and task not in local:
+                raise CqilError(f"evaluate.tasks[{i}]: {task!r} is not a local task (allowed: {', '.join(local)})")
+            if task in local and "${data_dir}" in local[task]:
+                if self.data_dir is None:
+                    raise CqilError(f"evaluate.tasks[{i}]: {task} needs evaluate.data_dir (the layout of data/)")
+                if missing := [str(p) for p in task_files(local[task], self.data_dir) if not present(p)]:
+                    raise CqilError(
+                        f"evaluate.tasks[{i}]: {task} reads {missing[0]}, which is not there "
+                        f"(evaluate.data_dir: {self.data_dir})"
+                    )
+        if unknown := [t for t in self.tasks if t not in local and not known_lm_eval_task(t)]:
             raise CqilError(
-                f"evaluate.tasks: {', '.join(local)}: local tasks need evaluate.data_dir (the layout of ../shared/data)"
+                f"evaluate.tasks: {unknown[0]!r} is neither a task of cqil/tasks/ ({', '.join(local)}) "
+                f"nor one of lm-eval's"
             )
+        for task, count in self.questions.items():  # a task not in `tasks` is ignored: an overlay may drop tasks
+            if not isinstance(count, int) or count < 1:
+                raise CqilError(f"evaluate.questions.{task}: {count!r} is not a count of questions (>= 1)")
+        if self.wikitext is not None and not Path(self.wikitext).is_file():
+            raise CqilError(f"evaluate.wikitext: {self.wikitext!r} not found")
 
 
-TASKS = Path(__file__).parent / "tasks"
+def known_lm_eval_task(name: str) -> bool:
+    """Whether lm-eval ships a task (or group) of this name; it scans its task folder (seconds), so only
+    names that are not ours get here."""
+    from lm_eval.tasks import TaskManager
+
+    return name in TaskManager().all_tasks
 
 
 def render_tasks(out_dir, data_dir=None, corpus_tasks=None) -> Path:
     """Write the task YAMLs of `cqil/tasks/` whose files are given, with absolute paths (lm-eval resolves
     relative ones against the working directory), to `out_dir`: the include path for `lm_eval_tasks`.
 
-    data_dir: the evaluation data in the layout of ../shared/data (ARC, Winogrande, MMLU);
+    data_dir: the evaluation data in the layout of data/ (ARC, PIQA, Winogrande, OpenBookQA; MMLU, BoolQ);
     corpus_tasks: the folder `build_corpus_tasks` wrote (cqil_heldout, cqil_cloze).
     """
     out_dir = Path(out_dir)
@@ -104,8 +167,15 @@ def lm_eval_tasks(
     limit: int | None = None,
     batch_size: int = 8,
     num_fewshot: int | None = None,
-) -> dict:
-    """lm-eval's `simple_evaluate` on the in-memory model: {task: {metric: value, metric_stderr: value}}."""
+    questions: dict | None = None,
+    seed: int = 0,
+) -> tuple[dict, dict]:
+    """lm-eval's `simple_evaluate` on the in-memory model.
+
+    Returns {task: {metric: value, metric_stderr: value}} and, for multiple-choice tasks, every question's
+    scores {task: {"doc_id": [...], "acc": [...], "acc_norm": [...], "choices": [...]}}. `questions` asks for
+    a seeded subset of a task's questions (the same for every model: the indices depend on the seed alone).
+    """
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -114,40 +184,124 @@ def lm_eval_tasks(
     local = {path.stem for path in Path(include_path).glob("*.yaml")}
     # lm-eval's own tasks (sciq, winogrande, ... from the Hub) only when asked: scanning them takes 13 s
     manager = TaskManager(include_path=str(include_path), include_defaults=not set(tasks) <= local)
+    samples = None
+    questions = {task: count for task, count in (questions or {}).items() if task in tasks}
+    if questions:
+        loaded = manager.load(list(questions))["tasks"]
+        samples = {task: subset(len(loaded[task].eval_docs), count, seed, task) for task, count in questions.items()}
+        samples |= {
+            task: list(range(len(t.eval_docs)))
+            for task, t in manager.load(tasks)["tasks"].items()
+            if task not in samples
+        }  # lm-eval takes `samples` for every task or none
     out = simple_evaluate(
         model=lm,
         tasks=tasks,
         task_manager=manager,
-        limit=limit,
+        limit=None if samples else limit,
+        samples=samples,
         num_fewshot=num_fewshot,
         bootstrap_iters=1000,
+        log_samples=True,
         random_seed=0,
         numpy_random_seed=0,
         torch_random_seed=0,
     )
-    return {
+    results = {
         task: {key.replace(",none", ""): value for key, value in metrics.items() if key != "alias"}
         for task, metrics in out["results"].items()
     }
+    items = {}
+    for task, rows in out.get("samples", {}).items():
+        if rows and "acc" in rows[0]:  # multiple choice: one row per question
+            rows = sorted(rows, key=lambda row: row["doc_id"])
+            items[task] = {
+                "doc_id": [row["doc_id"] for row in rows],
+                "choices": [len(row["filtered_resps"]) for row in rows],
+                **{name: [row[name] for row in rows] for name in TASK_ITEMS if name in rows[0]},
+            }
+    return results, items
+
+
+def subset(total: int, count: int, seed: int, task: str) -> list[int]:
+    """`count` of a task's `total` question indices, sorted, drawn with a seed of its own (all if count >= total)."""
+    if count >= total:
+        return list(range(total))
+    return sorted(random.Random(f"{seed}/{task}").sample(range(total), count))
+
+
+def wikitext_text(path) -> str:
+    """WikiText-2 raw as stored in data/: its rows joined by CRLF (the blank rows left out), read back as lines."""
+    rows = Path(path).read_bytes().decode("utf-8").split("\r\n")
+    return "\n".join(row for row in rows if row)
+
+
+@torch.inference_mode()
+def wikitext_perplexity(model, tokenizer, path, tokens: int, block: int) -> tuple[dict, dict]:
+    """Perplexity on the first `tokens` tokens of WikiText-2, in blocks of `block` scored on their own; and each
+    block's mean NLL (the items that the paired intervals resample)."""
+    ids = tokenizer(wikitext_text(path), return_tensors="pt", add_special_tokens=False)["input_ids"][0][:tokens]
+    blocks = block_nll(model, ids, block)
+    nll, count = sum(b["nll"] for b in blocks), sum(b["tokens"] for b in blocks)
+    mean = torch.tensor([b["nll"] / b["tokens"] for b in blocks], dtype=torch.float64)
+    stderr = float(mean.std() / len(mean) ** 0.5) if len(mean) > 1 else float("nan")  # of the mean NLL, over blocks
+    return (
+        {
+            "perplexity": float(torch.tensor(nll / count).exp()),
+            "nll": nll / count,
+            "nll_stderr": stderr,
+            "tokens": count,
+            "blocks": len(blocks),
+        },
+        {"doc_id": list(range(len(blocks))), "nll": mean.tolist(), "tokens": [b["tokens"] for b in blocks]},
+    )
 
 
 def run_evaluate(
-    settings: EvaluateSettings, *, model: str, corpus, out, dtype: str = "auto", plan: Plan | None = None, adapter=None
+    settings: EvaluateSettings,
+    *,
+    model: str,
+    out,
+    corpus=None,
+    dtype: str = "auto",
+    plan: Plan | None = None,
+    adapter=None,
 ) -> None:
-    """The stage: lm-eval tasks on the original, a plan (zero-shot) or a plan with its adapter (fine-tuned), as JSON."""
+    """The stage: lm-eval tasks and WikiText-2 perplexity on the original, a plan (zero-shot) or a plan with its
+    adapter (fine-tuned), with every question's score, as JSON."""
     if adapter and not plan:
         raise CqilError("--adapter needs --plan: adapters are trained for a plan")
-    blocks = load_split(corpus, settings.split)
+    corpus_tasks = [task for task in settings.tasks if task in CORPUS_TASKS]
+    if corpus_tasks and corpus is None:
+        raise CqilError(f"--corpus: the tasks {', '.join(corpus_tasks)} are built from the corpus's test blocks")
+    blocks = load_split(corpus, settings.split) if corpus_tasks else None
     loaded, tokenizer = load_model(model, plan=plan, dtype=dtype)
     if adapter:
         from peft import PeftModel
 
         loaded = PeftModel.from_pretrained(loaded, adapter).merge_and_unload()  # the plan stays applied
-    with tempfile.TemporaryDirectory() as tmp:
-        corpus_tasks = build_corpus_tasks(blocks, tokenizer, Path(tmp) / "corpus", choices=settings.cloze_choices)
-        include = render_tasks(Path(tmp) / "tasks", data_dir=settings.data_dir, corpus_tasks=corpus_tasks)
-        results = lm_eval_tasks(
-            loaded, tokenizer, settings.tasks, include, limit=settings.limit, batch_size=settings.batch_size
+    results, items = {}, {}
+    if settings.tasks:
+        with tempfile.TemporaryDirectory() as tmp:
+            built = (
+                build_corpus_tasks(blocks, tokenizer, Path(tmp) / "corpus", settings.cloze_choices)
+                if corpus_tasks
+                else None
+            )
+            include = render_tasks(Path(tmp) / "tasks", data_dir=settings.data_dir, corpus_tasks=built)
+            results, items = lm_eval_tasks(
+                loaded,
+                tokenizer,
+                settings.tasks,
+                include,
+                limit=settings.limit,
+                batch_size=settings.batch_size,
+                questions=settings.questions,
+                seed=settings.seed,
+            )
+    if settings.wikitext:
+        results["wikitext2"], items["wikitext2"] = wikitext_perplexity(
+            loaded, tokenizer, settings.wikitext, settings.wikitext_tokens, settings.wikitext_block
         )
     stage = "finetuned" if adapter else "zeroshot" if plan else "original"
     write_json(
@@ -156,47 +310,9 @@ def run_evaluate(
             "plan": str(plan) if plan else "original",
             "stage": stage,
             "results": results,
+            "items": items,
             "provenance": provenance(
                 {"model": model, "dtype": dtype, "adapter": adapter, "settings": asdict(settings)}, plan
             ),
         },
     )
-
-
-def run_quality(inputs, *, out, scores=(), finetune=()) -> None:
-    """The stage: the quality table of the original and each plan, zero-shot and fine-tuned, as a long CSV and a
-    Markdown table beside it (a row per plan and stage). It holds lm-eval's metrics per task (`cqil evaluate`
-    files) and the held-out perplexity, KL and top-1 agreement (`cqil score` and `cqil finetune` files)."""
-
-    def rows_of(plan, stage, task, metrics, names):
-        return [
-            {
-                "plan": plan,
-                "stage": stage,
-                "task": task,
-                "metric": name,
-                "value": metrics[name],
-                "stderr": metrics.get(f"{name}_stderr"),
-            }
-            for name in names
-            if name in metrics
-        ]
-
-    rows = []
-    for i, path in enumerate(scores):
-        record = json.loads(Path(path).read_text())
-        rows += rows_of("original", "original", "heldout", record["original"], HELDOUT_METRICS) if i == 0 else []
-        rows += rows_of(record["plan"]["plan"], "zeroshot", "heldout", record["plan"], HELDOUT_METRICS)
-    for path in finetune:
-        record = json.loads(Path(path).read_text())
-        rows += rows_of(record["plan"], "finetuned", "heldout", record["heldout_after"] or {}, HELDOUT_METRICS)
-    for path in inputs:
-        record = json.loads(Path(path).read_text())
-        for task, metrics in record["results"].items():
-            rows += rows_of(record["plan"], record["stage"], task, metrics, QUALITY_METRICS)
-    long = pd.DataFrame(rows)
-    write_csv(out, long)
-    table = long.assign(column=long.task + " " + long.metric).pivot_table(
-        index=["plan", "stage"], columns="column", values="value", sort=False
-    )
-    write_markdown(Path(out).with_suffix(".md"), table.reset_index())

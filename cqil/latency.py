@@ -54,7 +54,7 @@ SHAPE = (
 
 @dataclass(frozen=True)
 class LatencySettings:
-    prompt_lengths: list[int] = field(default_factory=lambda: [128, 512])
+    prompt_lengths: list[int] = field(default_factory=lambda: [512])
     new_tokens: int = 16  # decode steps after each prefill
     batch_size: int = 1
     warmup: int = 1  # repeats dropped before timing

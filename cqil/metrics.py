@@ -25,19 +25,27 @@ def blocks(token_ids: torch.Tensor, block_size: int) -> list[torch.Tensor]:
 
 
 @torch.inference_mode()
-def perplexity(model, token_ids: torch.Tensor, block_size: int = 512, progress: bool = True) -> dict:
-    """exp(mean next-token negative log-likelihood) over the blocks of a 1-D tensor of token ids.
+def block_nll(model, token_ids: torch.Tensor, block_size: int = 512, progress: bool = True) -> list[dict]:
+    """Summed next-token NLL and predicted tokens of each block of `block_size` tokens of a 1-D tensor of ids.
 
-    Each block is scored on its own (no context carried over), as in the usual strided evaluation
-    with stride = block size.
+    Each block is scored on its own (no context carried over), as in the usual strided evaluation with
+    stride = block size.
     """
     device = next(model.parameters()).device
-    total = {}
+    found = []
     for block in tqdm(blocks(token_ids, block_size), desc="perplexity", unit="block", disable=not progress):
         ids = block[None].to(device)  # (1, T)
-        total = add_sums(total, token_sums(log_probs(model(input_ids=ids).logits), ids))
-    if not total:
+        found.append(token_sums(log_probs(model(input_ids=ids).logits), ids))
+    if not found:
         raise CqilError("perplexity: the text has fewer than 2 tokens")
+    return found
+
+
+def perplexity(model, token_ids: torch.Tensor, block_size: int = 512, progress: bool = True) -> dict:
+    """exp(mean next-token negative log-likelihood) over the blocks of a 1-D tensor of token ids."""
+    total = {}
+    for sums in block_nll(model, token_ids, block_size, progress):
+        total = add_sums(total, sums)
     return summarize(total)
 
 

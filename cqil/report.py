@@ -254,6 +254,39 @@ def simulation_figures(predicted: pd.DataFrame, checked: pd.DataFrame, swept: pd
     save_figure(fig, Path(out) / "simulation_validation")
 
 
+def tradeoff_figure(diffs: pd.DataFrame, path) -> None:
+    """The paper's trade-off: each plan's accuracy difference from the original (the mean over the above-chance
+    tasks, with its 95% interval) against its ideal latency reduction, zero-shot and fine-tuned."""
+    average = diffs[diffs.task == "average"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for (plan, part), colour in zip(average.groupby("plan", sort=False), colours):
+        for stage, marker, fill in (("zeroshot", "o", "none"), ("finetuned", "s", colour)):
+            row = part[part.stage == stage]
+            if len(row):
+                x, y = 100 * row.ideal_reduction.iloc[0], row["diff"].iloc[0]
+                ax.errorbar(
+                    x,
+                    y,
+                    yerr=[[y - row.low.iloc[0]], [row.high.iloc[0] - y]],
+                    marker=marker,
+                    color=colour,
+                    markerfacecolor=fill,
+                    capsize=4,
+                    linestyle="none",
+                    label=f"{plan}, {stage.replace('shot', '-shot')}",
+                )
+    ax.axhline(0, color="grey", linewidth=0.8)
+    ax.set(
+        xlabel="ideal latency reduction (%)",
+        ylabel="accuracy difference from the original (points)",
+        title="quality against latency (mean over the above-chance tasks, 95% intervals)",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    save_figure(fig, path)
+
+
 # --- Tables: CSV, Markdown and LaTeX, from the stage tables only ------------------------------------
 
 # LLaMA-1-7B, KD fine-tuned, lm-eval 0.4.1, accuracy in %: the official README (../shared/PAPER.md).
@@ -265,26 +298,84 @@ OFFICIAL = {
         ("S14-E30-P4-D0", "finetuned"): {"sciq": 90.0, "winogrande": 68.2, "arc_easy": 65.5, "mmlu": 33.1},
     }
 }
-QUALITY_METRICS = {"acc": 100, "word_perplexity": 1, "perplexity": 1, "kl": 1, "top1": 100}  # shown x scale
 
 
-def quality_table(quality: pd.DataFrame, model: str) -> pd.DataFrame:
-    """The paper's main table: a row per plan and stage (original, zero-shot, fine-tuned), a column per task
-    metric (accuracy and top-1 in %); for a model with published numbers, the official value and our
-    difference beside each task."""
-    kept = quality[quality.metric.isin(list(QUALITY_METRICS))].copy()
-    kept["value"] = kept.value * kept.metric.map(QUALITY_METRICS)
-    kept["column"] = kept.task + " " + kept.metric
-    table = kept.pivot_table(index=["plan", "stage"], columns="column", values="value", sort=False).reset_index()
+def quality_table(levels: pd.DataFrame, diffs: pd.DataFrame, model: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The paper's main table: a row per plan and stage (original, zero-shot, fine-tuned); per task its score
+    (accuracy in %, perplexity) and the difference from the original with its 95% interval, `*` where that
+    interval excludes 0; the mean over the above-chance tasks and the share of the zero-shot loss that
+    fine-tuning recovers (shown where the zero-shot loss itself is distinguishable from 0); the held-out KL;
+    for a model with published numbers, the official value beside ours.
+
+    Returns the numbers (for CSV) and the same table written out (for Markdown and LaTeX).
+    """
+    if diffs.empty:  # only the original was evaluated
+        diffs = pd.DataFrame(columns=["plan", "stage", "task", "metric", "diff", "low", "high", "distinguishable"])
+    metric = dict(zip(diffs.task, diffs.metric))
+    tasks = [t for t in dict.fromkeys(levels.task) if t != "heldout"] + (["average"] if "average" in metric else [])
     official = OFFICIAL.get(model, {})
-    for column in [c for c in table.columns if c.endswith(" acc")]:
-        task = column.split()[0].removesuffix("_local")
-        published = [official.get((plan, stage), {}).get(task) for plan, stage in zip(table.plan, table.stage)]
-        if any(value is not None for value in published):
-            at = table.columns.get_loc(column) + 1
-            table.insert(at, f"{task} official", pd.array(published, dtype="Float64"))
-            table.insert(at + 1, f"{task} diff", table[column] - table[f"{task} official"])
-    return table.assign(model=model)[["model", *table.columns]]
+    numbers, written = [], []
+    names = {task: metric.get(task, "perplexity" if task == "wikitext2" else "acc_norm") for task in tasks}
+    order = (
+        ["model", "plan", "stage"]
+        + [
+            f"{task.removesuffix('_local')} {names[task]}{part}"
+            for task in tasks
+            for part in ("", " official", " diff")
+        ]
+        + ["recovered", "heldout kl"]
+    )
+
+    def put(row, text, column, value, shown):
+        row[column], text[column] = value, shown
+
+    for (plan, stage), part in levels.groupby(["plan", "stage"], sort=False):
+        row, text = {"model": model, "plan": plan, "stage": stage}, {"model": model, "plan": plan, "stage": stage}
+        mine = diffs[(diffs.plan == plan) & (diffs.stage == stage)].set_index("task")
+        for task in tasks:
+            name = names[task]
+            column = f"{task.removesuffix('_local')} {name}"
+            value = part[(part.task == task) & (part.metric == name)].value
+            if task == "average":  # the mean over the above-chance tasks: in the differences, beside each plan's
+                value = (mine.loc[[task], "value"] if task in mine.index else diffs[diffs.task == task].original)[:1]
+            if len(value):
+                put(row, text, column, float(value.iloc[0]), f"{value.iloc[0]:.1f}")
+            published = official.get((plan, stage), {}).get(task.removesuffix("_local"))
+            if published is not None:
+                put(row, text, f"{column} official", published, f"{published:.1f}")
+            if task in mine.index:
+                d = mine.loc[task]
+                written_diff = f"{d['diff']:+.1f} [{d.low:+.1f}, {d.high:+.1f}]" + ("*" if d.distinguishable else "")
+                put(row, text, f"{column} diff", d["diff"], written_diff)
+                row |= {
+                    f"{column} diff low": d.low,
+                    f"{column} diff high": d.high,
+                    f"{column} diff distinguishable": d.distinguishable,
+                }
+        if stage == "finetuned" and "average" in mine.index:
+            zeroshot = diffs[(diffs.plan == plan) & (diffs.stage == "zeroshot") & (diffs.task == "average")]
+            d = mine.loc["average"]
+            lost = len(zeroshot) and bool(zeroshot.distinguishable.iloc[0])  # a share of nothing means nothing
+            put(
+                row,
+                text,
+                "recovered",
+                d.recovered,
+                f"{100 * d.recovered:.0f}% [{100 * d.recovered_low:.0f}, {100 * d.recovered_high:.0f}]"
+                if lost
+                else "(no zero-shot loss to recover)",
+            )
+            row |= {"recovered low": d.recovered_low, "recovered high": d.recovered_high}
+        kl = part[(part.task == "heldout") & (part.metric == "kl")].value
+        if len(kl):
+            put(row, text, "heldout kl", float(kl.iloc[0]), f"{kl.iloc[0]:.3f}")
+        numbers.append(row)
+        written.append(text)
+    numbers, written = pd.DataFrame(numbers), pd.DataFrame(written)
+    present = [column for column in order if column in written]
+    extra = [c for c in numbers.columns if c not in order]  # the intervals, beside their difference in the CSV
+    numbers = numbers[[c for column in present for c in [column] + [e for e in extra if e.rsplit(" ", 1)[0] == column]]]
+    return numbers, written[present].fillna("")
 
 
 def latency_summary(measured: list[pd.DataFrame], predicted: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -307,13 +398,13 @@ def latency_summary(measured: list[pd.DataFrame], predicted: pd.DataFrame | None
     return table[~thread_scaling][columns]  # the original's other thread counts stay in latency.csv
 
 
-def write_table(frame: pd.DataFrame, path) -> None:
-    """`path`.csv, .md and .tex."""
-    path = Path(path)
+def write_table(frame: pd.DataFrame, path, written: pd.DataFrame | None = None) -> None:
+    """`path`.csv (the numbers), .md and .tex (`written`, the numbers as text, where given)."""
+    path, written = Path(path), frame if written is None else written
     write_csv(path.with_suffix(".csv"), frame)
-    write_markdown(path.with_suffix(".md"), frame)
+    write_markdown(path.with_suffix(".md"), written)
     with atomic(path.with_suffix(".tex")) as tmp:
-        tmp.write_text(frame.to_latex(index=False, float_format="%.3g", na_rep="--"))
+        tmp.write_text(written.to_latex(index=False, float_format="%.3g", na_rep="--"))
 
 
 def trend_figures(frame: pd.DataFrame, out) -> list[str]:
@@ -348,15 +439,21 @@ def run_figures(*, similarity, sensitivity, search, selected, out_dir, title: st
 
 
 def run_tables(*, quality: list[str], out_dir, latency=(), predictions=None) -> None:
-    """The stage: the paper's tables (quality with the official numbers beside ours; latency measured and
-    predicted), each as CSV, Markdown and LaTeX. `quality`: MODEL=PATH of each model's quality.csv."""
-    frames = []
+    """The stage: the paper's tables (quality, with intervals and the official numbers beside ours; latency
+    measured and predicted), each as CSV, Markdown and LaTeX. `quality`: MODEL=PATH of each model's quality.csv
+    (its quality_diff.csv lies beside it)."""
+    numbers, written = [], []
     for item in quality:
         model, _, path = item.partition("=")
         if not path:
             raise CqilError(f"--quality {item!r}: expected MODEL=PATH")
-        frames.append(quality_table(pd.read_csv(path), model))
+        diffs = Path(path).with_name(Path(path).stem + "_diff.csv")
+        table, text = quality_table(pd.read_csv(path), pd.read_csv(diffs) if diffs.exists() else pd.DataFrame(), model)
+        numbers.append(table)
+        written.append(text)
     out = Path(out_dir)
-    write_table(pd.concat(frames, ignore_index=True), out / "quality")
+    write_table(
+        pd.concat(numbers, ignore_index=True), out / "quality", pd.concat(written, ignore_index=True).fillna("")
+    )
     predicted = pd.read_csv(predictions) if predictions else None
     write_table(latency_summary([pd.read_csv(path) for path in latency], predicted), out / "latency")

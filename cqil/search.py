@@ -41,7 +41,7 @@ class SearchSettings:
     split: str = "search"  # corpus blocks the plans are scored on
     starts: list = field(default_factory=lambda: [8, 10, 12, 14, 16, 18, 20])  # S values of the grid
     ends: list = field(default_factory=lambda: [26, 28])  # E values (exclusive)
-    sizes: list = field(default_factory=lambda: [2, 3, 4])  # P values
+    sizes: list = field(default_factory=lambda: [2, 4])  # P values
     bypasses: list = field(default_factory=lambda: [0, 1])  # D values
     modes: list = field(default_factory=lambda: ["paper"])  # bypass modes for D >= 1
     include: list = field(default_factory=lambda: ["S18-E28-P2-D0"])  # extra plans by name, scored whatever the grid

@@ -16,10 +16,11 @@ from dataclasses import fields
 from .analysis import SensitivitySettings, SimilaritySettings, run_sensitivity, run_similarity
 from .data import CorpusSettings, run_corpus
 from .errors import CqilError
-from .evaluate import EvaluateSettings, run_evaluate, run_quality
+from .evaluate import EvaluateSettings, run_evaluate
 from .finetune import FinetuneSettings, run_finetune, run_finetuned_table
 from .latency import LatencySettings, run_latency, run_latency_table, run_layer_latency
 from .models import run_prepare
+from .quality import QualitySettings, run_compare, run_quality
 from .report import run_figures, run_tables
 from .search import ScoreSettings, SearchSettings, SelectSettings, run_score, run_scores_table, run_search, run_select
 from .simulate import SimulateSettings, run_simulate
@@ -37,7 +38,8 @@ STAGES = {  # in pipeline order; a settings class reads the config section named
     "finetune": (FinetuneSettings, run_finetune),
     "finetuned-table": (None, run_finetuned_table),
     "evaluate": (EvaluateSettings, run_evaluate),
-    "quality": (None, run_quality),
+    "quality": (QualitySettings, run_quality),
+    "compare": (None, run_compare),
     "figures": (None, run_figures),
     "latency": (LatencySettings, run_latency),
     "latency-table": (None, run_latency_table),

@@ -83,17 +83,18 @@ def test_bad_input_is_one_line(capsys, tiny_dir, tmp_path, argv, message):
     [
         (["--adapter", "somewhere"], "--adapter needs --plan"),
         (
-            ["--settings", '{"tasks": ["arc_easy_local"]}'],
-            "evaluate.tasks: arc_easy_local: local tasks need evaluate.data_dir",
+            ["--settings", '{"tasks": ["arc_easy_local"], "data_dir": null}'],
+            "evaluate.tasks[0]: arc_easy_local needs evaluate.data_dir",
         ),
         (["--settings", '{"data_dir": "nowhere"}'], "evaluate.data_dir: 'nowhere' is not a directory"),
         (
             ["--settings", '{"task": ["arc_easy_local"]}'],
-            "evaluate.task: not a setting of this stage (allowed: split, tasks",
+            "evaluate.task: not a setting of this stage (allowed: data_dir, tasks, questions",
         ),
         (["--settings", "{tasks"], "--settings: not valid JSON"),
     ],
 )
-def test_evaluate_input_is_checked_before_loading(capsys, tiny_dir, argv, message):
-    code, _, err = run(capsys, "evaluate", "--model", str(tiny_dir), "--corpus", "corpus.pt", "--out", "x.json", *argv)
+def test_evaluate_input_is_checked_before_loading(capsys, tiny_dir, tmp_path, argv, message):
+    out = str(tmp_path / "x.json")  # were a case to pass the checks, its evaluation must not land in the checkout
+    code, _, err = run(capsys, "evaluate", "--model", str(tiny_dir), "--corpus", "corpus.pt", "--out", out, *argv)
     assert code == 2 and err.count("\n") == 1 and message in err

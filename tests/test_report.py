@@ -8,38 +8,73 @@ from cqil.report import latency_summary, quality_table
 
 
 def quality_rows():
-    rows = [
-        ("original", "original", "heldout", "kl", 0.0),
-        ("original", "original", "arc_easy_local", "acc", 0.70),
-        ("original", "original", "sciq", "acc", 0.931),
-        ("S12-E30-P2-D0", "zeroshot", "heldout", "kl", 0.4),
-        ("S12-E30-P2-D0", "zeroshot", "arc_easy_local", "acc", 0.6),
-        ("S12-E30-P2-D0", "finetuned", "heldout", "kl", 0.2),
-        ("S12-E30-P2-D0", "finetuned", "arc_easy_local", "acc", 0.69),
-        ("S12-E30-P2-D0", "finetuned", "arc_easy_local", "acc_norm", 0.5),
-    ]  # not a table metric
-    return pd.DataFrame(rows, columns=["plan", "stage", "task", "metric", "value"])
+    """quality.csv (levels, accuracy in points) and quality_diff.csv of a 7B run, as `cqil quality` writes them."""
+    levels = pd.DataFrame(
+        [
+            ("original", "original", "heldout", "kl", 0.0),
+            ("original", "original", "arc_easy_local", "acc", 70.0),
+            ("original", "original", "sciq", "acc", 93.1),
+            ("S12-E30-P2-D0", "zeroshot", "heldout", "kl", 0.4),
+            ("S12-E30-P2-D0", "zeroshot", "arc_easy_local", "acc", 60.0),
+            ("S12-E30-P2-D0", "zeroshot", "sciq", "acc", 90.0),
+            ("S12-E30-P2-D0", "finetuned", "heldout", "kl", 0.2),
+            ("S12-E30-P2-D0", "finetuned", "arc_easy_local", "acc", 69.0),
+            ("S12-E30-P2-D0", "finetuned", "sciq", "acc", 92.0),
+        ],
+        columns=["plan", "stage", "task", "metric", "value"],
+    )
+    diffs = pd.DataFrame(
+        [
+            ("S12-E30-P2-D0", "zeroshot", "arc_easy_local", "acc", -10.0, -14.0, -6.0, True, None, None, None),
+            ("S12-E30-P2-D0", "zeroshot", "sciq", "acc", -3.1, -5.0, -1.2, True, None, None, None),
+            ("S12-E30-P2-D0", "zeroshot", "average", "accuracy", -6.55, -9.0, -4.0, True, None, None, None),
+            ("S12-E30-P2-D0", "finetuned", "arc_easy_local", "acc", -1.0, -3.0, 1.0, False, 0.9, 0.6, 1.1),
+            ("S12-E30-P2-D0", "finetuned", "sciq", "acc", -1.1, -2.0, -0.2, True, 0.65, 0.3, 0.9),
+            ("S12-E30-P2-D0", "finetuned", "average", "accuracy", -1.05, -2.2, 0.1, False, 0.84, 0.6, 1.0),
+        ],
+        columns=[
+            "plan",
+            "stage",
+            "task",
+            "metric",
+            "diff",
+            "low",
+            "high",
+            "distinguishable",
+            "recovered",
+            "recovered_low",
+            "recovered_high",
+        ],
+    )
+    diffs["value"] = [60.0, 90.0, 75.0, 69.0, 92.0, 80.5]
+    diffs["original"] = [70.0, 93.1, 81.55, 70.0, 93.1, 81.55]
+    return levels, diffs
 
 
-def test_quality_table_puts_the_official_numbers_beside_ours():
-    table = quality_table(quality_rows(), "llama-7b").set_index(["plan", "stage"])
-    assert list(table.columns) == [
+def test_quality_table_puts_differences_with_intervals_and_the_official_numbers_beside_ours():
+    numbers, written = quality_table(*quality_rows(), "llama-7b")
+    written, numbers = written.set_index(["plan", "stage"]), numbers.set_index(["plan", "stage"])
+    assert list(written.columns) == [
         "model",
-        "heldout kl",
-        "arc_easy_local acc",
-        "arc_easy official",
-        "arc_easy diff",
+        "arc_easy acc",
+        "arc_easy acc official",
+        "arc_easy acc diff",
         "sciq acc",
-        "sciq official",
-        "sciq diff",
+        "sciq acc official",
+        "sciq acc diff",
+        "average accuracy",
+        "average accuracy diff",
+        "recovered",
+        "heldout kl",
     ]
-    assert table.loc[("original", "original"), "arc_easy_local acc"] == pytest.approx(70.0)
-    assert table.loc[("original", "original"), "arc_easy official"] == 72.9
-    assert table.loc[("S12-E30-P2-D0", "finetuned"), "arc_easy diff"] == pytest.approx(69.0 - 70.1)
-    assert pd.isna(table.loc[("S12-E30-P2-D0", "zeroshot"), "arc_easy official"])  # the README has no zero-shot
-    assert table.loc[("S12-E30-P2-D0", "finetuned"), "heldout kl"] == 0.2
-    # a model without published numbers gets no official columns
-    assert "arc_easy official" not in quality_table(quality_rows(), "smollm2-135m").columns
+    assert written.loc[("original", "original"), "arc_easy acc official"] == "72.9"  # the official README's
+    assert written.loc[("S12-E30-P2-D0", "zeroshot"), "arc_easy acc diff"] == "-10.0 [-14.0, -6.0]*"
+    assert written.loc[("S12-E30-P2-D0", "finetuned"), "arc_easy acc diff"] == "-1.0 [-3.0, +1.0]"  # 0 inside: no *
+    assert written.loc[("S12-E30-P2-D0", "finetuned"), "recovered"] == "84% [60, 100]"
+    assert written.loc[("S12-E30-P2-D0", "zeroshot"), "arc_easy acc official"] == ""  # the README has no zero-shot
+    assert numbers.loc[("S12-E30-P2-D0", "finetuned"), "sciq acc diff high"] == -0.2
+    assert numbers.loc[("S12-E30-P2-D0", "finetuned"), "heldout kl"] == 0.2
+    assert "arc_easy acc official" not in quality_table(*quality_rows(), "smollm2-135m")[1].columns  # none published
 
 
 def test_latency_summary_marks_measured_and_predicted():
@@ -80,9 +115,12 @@ def test_latency_summary_marks_measured_and_predicted():
 
 
 def test_tables_cli_writes_csv_markdown_latex(tmp_path):
-    quality_rows().to_csv(tmp_path / "quality.csv", index=False)
+    levels, diffs = quality_rows()
+    levels.to_csv(tmp_path / "quality.csv", index=False)
+    diffs.to_csv(tmp_path / "quality_diff.csv", index=False)  # found beside quality.csv
     main(["tables", "--quality", f"llama-7b={tmp_path / 'quality.csv'}", "--out-dir", str(tmp_path / "tables")])
     for kind in ("csv", "md", "tex"):
         assert (tmp_path / "tables" / f"quality.{kind}").stat().st_size > 100
     assert "\\begin{tabular}" in (tmp_path / "tables" / "quality.tex").read_text()
     assert "72.9" in (tmp_path / "tables" / "quality.md").read_text()
+    assert "-10.0 [-14.0, -6.0]*" in (tmp_path / "tables" / "quality.tex").read_text()

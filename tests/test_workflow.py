@@ -106,8 +106,14 @@ def test_each_section_is_its_stages_settings_and_restates_their_defaults():
         ("corpus.files", ["nowhere.txt"], "config.corpus.files[0]: 'nowhere.txt' not found"),
         (
             "evaluate.tasks",
-            ["arc_easy_local"],
-            "config.evaluate.tasks: arc_easy_local: local tasks need evaluate.data_dir",
+            ["arc_easyy_local"],
+            "config.evaluate.tasks[0]: 'arc_easyy_local' is not a local task (allowed: arc_challenge_local, ",
+        ),
+        ("evaluate.tasks", ["not_a_task"], "config.evaluate.tasks: 'not_a_task' is neither a task of cqil/tasks/"),
+        (
+            "evaluate.data_dir",
+            "cqil",
+            "config.evaluate.tasks[0]: arc_easy_local reads cqil/arc/ARC-Easy-test.jsonl, which is not there",
         ),
         ("evaluate.data_dir", "nowhere", "config.evaluate.data_dir: 'nowhere' is not a directory"),
         (
@@ -274,7 +280,13 @@ def test_real_run_on_the_default_model(tmp_path):
     quality = pd.read_csv(out / "quality.csv")
     variants = set(zip(quality.plan, quality.stage))
     assert variants == {("original", "original")} | {(p, s) for p in selected for s in ("zeroshot", "finetuned")}
-    assert set(quality.task) == {"heldout", "cqil_heldout", "cqil_cloze"} and (out / "quality.md").exists()
+    tasks = {"arc_easy_local", "arc_challenge_local", "piqa_local", "winogrande_local", "openbookqa_local", "wikitext2"}
+    assert set(quality.task) == {"heldout"} | tasks and (out / "quality.md").exists()
+    assert quality[quality.task == "arc_easy_local"].n.eq(24).all()  # the seeded subset of tests/data/small.yaml
+    differences = pd.read_csv(out / "quality_diff.csv")  # every variant against the original, paired
+    assert set(zip(differences.plan, differences.stage)) == variants - {("original", "original")}
+    assert tasks <= set(differences.task) and (differences.low <= differences["diff"]).all()
+    assert (out / "figures" / "quality_tradeoff.png").stat().st_size > 10_000
     heldout = quality[(quality.task == "heldout") & (quality.metric == "kl")].set_index(["plan", "stage"]).value
     assert heldout[("original", "original")] == 0 and len(heldout) == 1 + 2 * len(selected)
     for model, setups in (("smollm2-135m", 2), ("llama-135m", 3)):  # original, cqil (and tp where heads divide)

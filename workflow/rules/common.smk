@@ -120,8 +120,11 @@ def evaluations(wildcards):
 
 
 def variant_inputs(wildcards):
-    """What `cqil evaluate` reads for a variant: the corpus, and the adapter of a fine-tuned plan."""
-    inputs = {"corpus": expand(f"{RESOURCES}/corpus.pt", model=wildcards.model)}
+    """What `cqil evaluate` reads for a variant: the model (prepared), the corpus where a task is built from it,
+    and the adapter of a fine-tuned plan."""
+    inputs = {"model": expand(f"{RESULTS}/model.json", model=wildcards.model)}
+    if set(config["evaluate"]["tasks"]) & {"cqil_heldout", "cqil_cloze"}:
+        inputs["corpus"] = expand(f"{RESOURCES}/corpus.pt", model=wildcards.model)
     if wildcards.variant.endswith("-finetuned"):
         plan = wildcards.variant.removesuffix("-finetuned")
         inputs["adapter"] = expand(f"{RESOURCES}/plans/{plan}/finetune/adapter", model=wildcards.model)
@@ -129,11 +132,12 @@ def variant_inputs(wildcards):
 
 
 def variant_args(wildcards, input):
-    """--plan and --adapter of a variant: original, <plan> (zero-shot) or <plan>-finetuned."""
+    """--plan, --adapter and --corpus of a variant: original, <plan> (zero-shot) or <plan>-finetuned."""
+    corpus = f" --corpus {input.corpus}" if "corpus" in input.keys() else ""
     if wildcards.variant == "original":
-        return ""
+        return corpus.strip()
     plan = wildcards.variant.removesuffix("-finetuned")
-    return f"--plan {plan}" + (f" --adapter {input.adapter}" if "adapter" in input.keys() else "")
+    return f"--plan {plan}" + (f" --adapter {input.adapter}" if "adapter" in input.keys() else "") + corpus
 
 
 def launcher(rule):

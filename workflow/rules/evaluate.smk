@@ -18,9 +18,10 @@ rule evaluate:
         settings=settings("evaluate"),
     shell:
         "cqil --threads {threads} evaluate --settings {params.settings} --model {params.spec:q} --dtype {params.dtype}"
-        " {params.variant} --corpus {input.corpus} --out {output} > {log} 2>&1"
+        " {params.variant} --out {output} > {log} 2>&1"
 
 
+# Every variant's scores with 95% intervals, and its paired differences from the original.
 rule quality:
     input:
         evals=evaluations,
@@ -29,9 +30,21 @@ rule quality:
     output:
         table=f"{RESULTS}/quality.csv",
         markdown=f"{RESULTS}/quality.md",
+        differences=f"{RESULTS}/quality_diff.csv",
+        differences_markdown=f"{RESULTS}/quality_diff.md",
+        figure=report(
+            f"{RESULTS}/figures/quality_tradeoff.png",
+            caption="../report/quality_tradeoff.rst",
+            category="Quality",
+            subcategory="{model}",
+        ),
+        pdf=f"{RESULTS}/figures/quality_tradeoff.pdf",
     log:
         log_path("quality"),
     threads: 1
+    params:
+        settings=settings("quality"),
+        figure=f"{RESULTS}/figures/quality_tradeoff",
     shell:
-        "cqil quality {input.evals} --scores {input.scores} --finetune {input.finetune}"
-        " --out {output.table} > {log} 2>&1"
+        "cqil quality --settings {params.settings} {input.evals} --scores {input.scores} --finetune {input.finetune}"
+        " --out {output.table} --figure {params.figure} > {log} 2>&1"
