@@ -64,9 +64,9 @@ class EvaluateSettings:
     questions: dict = field(  # task -> a seeded subset of this many questions (a task not named here: all of it)
         default_factory=lambda: {
             "arc_easy_local": 500,
-            "arc_challenge_local": 200,
+            "arc_challenge_local": 100,
             "piqa_local": 500,
-            "winogrande_local": 200,
+            "winogrande_local": 100,
             "openbookqa_local": 200,
         }
     )

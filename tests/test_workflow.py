@@ -152,13 +152,13 @@ def test_dry_run_of_the_default():
         "selected_scores": 1,
         "finetuned": 1,
         "quality": 1,
-        "latency": 7,
+        "latency": 5,
         "latency_table": 2,
         "simulate": 1,
         "tables": 1,
         "track": 1,
         "all": 1,
-        "total": 24,
+        "total": 22,
     }  # per-plan jobs come after `select`
     # latency: smollm2-135m has 9 heads, so no tp-2; the random llama-135m (8 heads) gets it
     assert "results/dryrun/llama-135m/latency/tp-2.json" in out and "smollm2-135m/latency/tp-2" not in out
