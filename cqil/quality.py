@@ -214,7 +214,7 @@ def run_compare(*, a, b, original, out, bootstrap: int = 2000, seed: int = 0, le
         )
         rows.append(
             comparison(task, "perplexity" if metric == "nll" else metric, points[task], draws[task], level)
-            | {"above_chance": above}
+            | {"above_chance": above, "n": len(scores)}  # the questions both answered: fewer if their subsets differ
         )
     counted = [row["task"] for row in rows if row["above_chance"]]
     if counted:
@@ -226,7 +226,7 @@ def run_compare(*, a, b, original, out, bootstrap: int = 2000, seed: int = 0, le
                 np.mean([draws[t] for t in counted], axis=0),
                 level,
             )
-            | {"above_chance": True}
+            | {"above_chance": True, "n": sum(row["n"] for row in rows if row["task"] in counted)}
         )
     frame = pd.DataFrame([{"a": str(a), "b": str(b), **row} for row in rows])
     write_csv(out, frame)

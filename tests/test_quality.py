@@ -132,3 +132,4 @@ def test_two_evaluations_of_the_same_questions_compare_directly(tmp_path):
     assert found.loc["easy_local", "diff"] == pytest.approx(5.0) and found.loc["easy_local", "distinguishable"]
     assert found.loc["coin_local", "diff"] == 0 and not found.loc["coin_local", "above_chance"]
     assert found.loc["average", "diff"] == pytest.approx(5.0)  # the coin task is not averaged
+    assert found.loc["easy_local", "n"] == 400 and found.loc["average", "n"] == 400  # questions both answered
