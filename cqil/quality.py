@@ -8,9 +8,10 @@ For each task, the original, a plan zero-shot and the same plan fine-tuned answe
 from a paired bootstrap over questions (`stats.py`), and is marked distinguishable from zero when the
 interval excludes 0. Tasks on which the original is not above chance (the lower end of its interval at
 or below the chance rate 1/choices) are reported but kept out of the average. Fine-tuning's
-`recovered` is the fraction of the zero-shot loss it wins back. WikiText-2 is scored by perplexity
-(resampled over its blocks); the corpus's held-out perplexity, KL and top-1 agreement come from the
-score and fine-tuning stages, without intervals.
+`recovered` is the fraction of the zero-shot loss it wins back, given only where that loss is itself
+distinguishable from zero (elsewhere there is nothing to recover: the ratio of two noises means nothing).
+WikiText-2 is scored by perplexity (resampled over its blocks); the corpus's held-out perplexity, KL and
+top-1 agreement come from the score and fine-tuning stages, without intervals.
 """
 
 from __future__ import annotations
@@ -152,7 +153,7 @@ def difference(e: dict, task: str, metric: str, point: np.ndarray, draws: np.nda
         "high": high,
         "distinguishable": excludes_zero(low, high),
     }
-    if k == 2:
+    if k == 2 and excludes_zero(*interval(draws[:, 1] - draws[:, 0], level_)):  # only a real zero-shot loss
         share_low, share_high = interval(recovered(draws[:, 0], draws[:, 1], draws[:, 2]), level_)
         row |= {
             "recovered": float(recovered(point[0], point[1], point[2])),

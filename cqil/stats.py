@@ -40,7 +40,9 @@ def excludes_zero(low: float, high: float) -> bool:
 def recovered(original: np.ndarray, zeroshot: np.ndarray, finetuned: np.ndarray) -> np.ndarray:
     """The fraction of the zero-shot loss that fine-tuning wins back: (finetuned - zeroshot) / (original - zeroshot).
 
-    1: back to the original; 0: no better than zero-shot; elementwise, so it works on bootstrap draws.
+    1: back to the original; 0: no better than zero-shot; elementwise, so it works on bootstrap draws. Where
+    zero-shot lost nothing (original == zeroshot) there is nothing to recover: NaN, not an infinity.
     """
+    loss = np.asarray(original, dtype=float) - zeroshot
     with np.errstate(divide="ignore", invalid="ignore"):
-        return (np.asarray(finetuned) - zeroshot) / (np.asarray(original) - zeroshot)
+        return np.where(loss == 0, np.nan, (np.asarray(finetuned) - zeroshot) / loss)

@@ -40,6 +40,7 @@ def test_recovered_is_the_share_of_the_zero_shot_loss_won_back():
     assert recovered(60.0, 50.0, 55.0) == 0.5 and recovered(60.0, 50.0, 60.0) == 1.0
     assert recovered(10.0, 20.0, 12.0) == pytest.approx(0.8)  # perplexity: lower is better, the same formula
     assert np.isnan(interval(np.array([np.nan, np.nan]))[0])  # 0/0 draws are left out
+    assert np.isnan(recovered(50.0, 50.0, 55.0))  # zero-shot lost nothing: nothing to recover, not an infinity
 
 
 def evaluation(path, plan, stage, answers):
@@ -101,6 +102,7 @@ def test_the_quality_table_pairs_variants_and_averages_only_the_tasks_above_chan
     assert d.loc[("finetuned", "average"), "recovered"] == pytest.approx(0.5)
     low, high = d.loc[("finetuned", "average"), ["recovered_low", "recovered_high"]]
     assert low < 0.5 < high
+    assert np.isnan(d.loc[("finetuned", "coin_local"), "recovered"])  # no zero-shot loss there to recover
     assert d.loc[("zeroshot", "wikitext2"), "diff"] == pytest.approx(np.exp(2.5) - np.exp(2.0))
     assert (tmp_path / "tradeoff.png").stat().st_size > 10_000
     numbers, written = quality_table(levels, diffs, "m")
