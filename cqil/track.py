@@ -39,7 +39,8 @@ DEFAULT_THRESHOLDS = {
     "perplexity": Threshold("lower", 0.05),
     "kl": Threshold("lower", 0.10),
     "top1": Threshold("higher", 0.02, False),
-    "acc": Threshold("higher", 0.02, False),
+    "acc": Threshold("higher", 2.0, False),  # accuracy in points (quality.csv); issue 17 replaces these by tests
+    "acc_norm": Threshold("higher", 2.0, False),
     "word_perplexity": Threshold("lower", 0.05),
     "reduction": Threshold("higher", 0.05, False),
     "plans_per_minute": Threshold("higher", 0.20),
