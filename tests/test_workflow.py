@@ -318,7 +318,8 @@ def test_real_run_on_the_default_model(tmp_path):
     multi = run(
         "--configfile", "tests/data/small.yaml", str(tmp_path / "gpus.yaml"), "--config", "run=pytest", "-n", "-p"
     ).stdout
-    assert "torchrun --standalone --nproc_per_node 2 -m cqil --threads 2 finetune" in multi
+    threads = DEFAULT["resources"]["finetune"]["threads"]
+    assert f"torchrun --standalone --nproc_per_node 2 -m cqil --threads {threads} finetune" in multi
     # latency jobs on GPUs ask for one per rank
     (tmp_path / "gpus.yaml").write_text("resources:\n  latency: {gpu: 1}\n")
     multi = run(
