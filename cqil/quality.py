@@ -51,6 +51,24 @@ def aligned(evals: list[dict], task: str, metric: str) -> np.ndarray:
     return np.array([[column[doc] for column in columns] for doc in common], dtype=float)
 
 
+def metric_name(metric: str) -> str:
+    """A task's metric as reported: WikiText's mean NLL is shown as perplexity."""
+    return "perplexity" if metric == "nll" else metric
+
+
+def chance(items: dict) -> float | None:
+    """A task's chance rate in points, the mean of 1/choices over its questions (None: not multiple choice)."""
+    return 100 * float(np.mean([1 / n for n in items["choices"]])) if "choices" in items else None
+
+
+def add_average(points: dict, draws: dict, counted: list) -> None:
+    """The mean over the `counted` (above-chance) tasks, of the points and of the draws: each task was resampled
+    on its own, so the mean of their draws is a draw of the mean."""
+    if counted:
+        points[AVERAGE] = np.mean([points[task] for task in counted], axis=0)
+        draws[AVERAGE] = np.mean([draws[task] for task in counted], axis=0)
+
+
 def shown(metric: str, means):
     """Means as reported: accuracy in points, mean NLL as perplexity."""
     return np.exp(means) if metric == "nll" else 100 * np.asarray(means)
@@ -69,18 +87,14 @@ def run_quality(settings: QualitySettings, inputs, *, out, scores=(), finetune=(
     metrics = {task: main_metric(original["items"][task]) for task in tasks}
 
     levels = [level_row(e, task, metrics[task], settings, seed) for e in evals for seed, task in enumerate(tasks)]
-    chance = {
-        task: 100 * float(np.mean([1 / n for n in original["items"][task]["choices"]]))
-        for task in tasks
-        if "choices" in original["items"][task]
-    }
+    rates = {task: chance(original["items"][task]) for task in tasks}
     above = {
-        row["task"]: row["low"] > chance[row["task"]]
+        row["task"]: row["low"] > rates[row["task"]]
         for row in levels
-        if row["stage"] == "original" and row["task"] in chance
+        if row["stage"] == "original" and rates[row["task"]] is not None
     }
     for row in levels:
-        row |= {"chance": chance.get(row["task"]), "above_chance": above.get(row["task"])}
+        row |= {"chance": rates[row["task"]], "above_chance": above.get(row["task"])}
 
     diffs = []
     for plan in plans:
@@ -92,13 +106,10 @@ def run_quality(settings: QualitySettings, inputs, *, out, scores=(), finetune=(
             scores_ = aligned(group, task, metrics[task])
             shown_points[task] = shown(metrics[task], scores_.mean(axis=0))
             shown_draws[task] = shown(metrics[task], bootstrap_means(scores_, settings.bootstrap, settings.seed + seed))
-        counted = [task for task in tasks if above.get(task)]
-        if counted:  # the mean over the above-chance tasks; each task resampled on its own, the same draws
-            shown_points[AVERAGE] = np.mean([shown_points[task] for task in counted], axis=0)
-            shown_draws[AVERAGE] = np.mean([shown_draws[task] for task in counted], axis=0)
+        add_average(shown_points, shown_draws, [task for task in tasks if above.get(task)])
         for k, e in enumerate(group[1:], start=1):
             for task in shown_points:
-                name = "accuracy" if task == AVERAGE else "perplexity" if metrics[task] == "nll" else metrics[task]
+                name = "accuracy" if task == AVERAGE else metric_name(metrics[task])
                 diffs.append(
                     difference(e, task, name, shown_points[task], shown_draws[task], k, settings.level)
                     | {"above_chance": True if task == AVERAGE else above.get(task), "ideal_reduction": ideal.get(plan)}
@@ -129,7 +140,7 @@ def level_row(e: dict, task: str, metric: str, settings: QualitySettings, seed: 
         "plan": e["plan"],
         "stage": e["stage"],
         "task": task,
-        "metric": "perplexity" if metric == "nll" else metric,
+        "metric": metric_name(metric),
         "value": float(shown(metric, values.mean())),
         "low": low,
         "high": high,
@@ -207,26 +218,17 @@ def run_compare(*, a, b, original, out, bootstrap: int = 2000, seed: int = 0, le
         scores = aligned([first, second], task, metric)
         points[task] = shown(metric, scores.mean(axis=0))
         draws[task] = shown(metric, bootstrap_means(scores, settings.bootstrap, settings.seed + index))
-        above = (
-            level_row(reference, task, metric, settings, index)["low"]
-            > 100 * np.mean([1 / n for n in reference["items"][task]["choices"]])
-            if "choices" in reference["items"][task]
-            else None
-        )
+        rate = chance(reference["items"][task])
+        above = level_row(reference, task, metric, settings, index)["low"] > rate if rate is not None else None
         rows.append(
-            comparison(task, "perplexity" if metric == "nll" else metric, points[task], draws[task], level)
+            comparison(task, metric_name(metric), points[task], draws[task], level)
             | {"above_chance": above, "n": len(scores)}  # the questions both answered: fewer if their subsets differ
         )
     counted = [row["task"] for row in rows if row["above_chance"]]
+    add_average(points, draws, counted)
     if counted:
         rows.append(
-            comparison(
-                AVERAGE,
-                "accuracy",
-                np.mean([points[t] for t in counted], axis=0),
-                np.mean([draws[t] for t in counted], axis=0),
-                level,
-            )
+            comparison(AVERAGE, "accuracy", points[AVERAGE], draws[AVERAGE], level)
             | {"above_chance": True, "n": sum(row["n"] for row in rows if row["task"] in counted)}
         )
     frame = pd.DataFrame([{"a": str(a), "b": str(b), **row} for row in rows])
