@@ -17,6 +17,7 @@ import random
 import re
 import tempfile
 from dataclasses import asdict, dataclass, field
+from functools import reduce
 from pathlib import Path
 from string import Template
 
@@ -25,7 +26,7 @@ import torch
 from .data import load_split
 from .errors import CqilError
 from .io import provenance, write_json
-from .metrics import block_nll
+from .metrics import add_sums, block_nll, summarize
 from .models import load_model
 from .plan import Plan
 
@@ -186,14 +187,9 @@ def lm_eval_tasks(
     manager = TaskManager(include_path=str(include_path), include_defaults=not set(tasks) <= local)
     samples = None
     questions = {task: count for task, count in (questions or {}).items() if task in tasks}
-    if questions:
-        loaded = manager.load(list(questions))["tasks"]
-        samples = {task: subset(len(loaded[task].eval_docs), count, seed, task) for task, count in questions.items()}
-        samples |= {
-            task: list(range(len(t.eval_docs)))
-            for task, t in manager.load(tasks)["tasks"].items()
-            if task not in samples
-        }  # lm-eval takes `samples` for every task or none
+    if questions:  # lm-eval takes `samples` for every task or none: all of a task not named
+        sizes = {task: len(loaded.eval_docs) for task, loaded in manager.load(tasks)["tasks"].items()}
+        samples = {task: subset(size, questions.get(task, size), seed, task) for task, size in sizes.items()}
     out = simple_evaluate(
         model=lm,
         tasks=tasks,
@@ -242,17 +238,10 @@ def wikitext_perplexity(model, tokenizer, path, tokens: int, block: int) -> tupl
     block's mean NLL (the items that the paired intervals resample)."""
     ids = tokenizer(wikitext_text(path), return_tensors="pt", add_special_tokens=False)["input_ids"][0][:tokens]
     blocks = block_nll(model, ids, block)
-    nll, count = sum(b["nll"] for b in blocks), sum(b["tokens"] for b in blocks)
     mean = torch.tensor([b["nll"] / b["tokens"] for b in blocks], dtype=torch.float64)
     stderr = float(mean.std() / len(mean) ** 0.5) if len(mean) > 1 else float("nan")  # of the mean NLL, over blocks
     return (
-        {
-            "perplexity": float(torch.tensor(nll / count).exp()),
-            "nll": nll / count,
-            "nll_stderr": stderr,
-            "tokens": count,
-            "blocks": len(blocks),
-        },
+        summarize(reduce(add_sums, blocks, {})) | {"nll_stderr": stderr, "blocks": len(blocks)},
         {"doc_id": list(range(len(blocks))), "nll": mean.tolist(), "tokens": [b["tokens"] for b in blocks]},
     )
 
