@@ -6,6 +6,7 @@ from pathlib import Path
 
 from cqil.config import check_config
 from cqil.errors import CqilError
+from cqil.evaluate import CORPUS_TASKS
 from cqil.plan import PLAN_NAME, SETUP_NAME, Setup
 
 try:
@@ -123,7 +124,7 @@ def variant_inputs(wildcards):
     """What `cqil evaluate` reads for a variant: the model (prepared), the corpus where a task is built from it,
     and the adapter of a fine-tuned plan."""
     inputs = {"model": expand(f"{RESULTS}/model.json", model=wildcards.model)}
-    if set(config["evaluate"]["tasks"]) & {"cqil_heldout", "cqil_cloze"}:
+    if set(config["evaluate"]["tasks"]) & set(CORPUS_TASKS):
         inputs["corpus"] = expand(f"{RESOURCES}/corpus.pt", model=wildcards.model)
     if wildcards.variant.endswith("-finetuned"):
         plan = wildcards.variant.removesuffix("-finetuned")
