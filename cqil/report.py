@@ -355,19 +355,18 @@ def quality_table(levels: pd.DataFrame, diffs: pd.DataFrame, model: str) -> tupl
                     f"{column} diff distinguishable": d.distinguishable,
                 }
         if stage == "finetuned" and "average" in mine.index:
-            zeroshot = diffs[(diffs.plan == plan) & (diffs.stage == "zeroshot") & (diffs.task == "average")]
             d = mine.loc["average"]
-            lost = len(zeroshot) and bool(zeroshot.distinguishable.iloc[0])  # a share of nothing means nothing
+            share = d.get("recovered", float("nan"))  # quality.difference gives it only for a real zero-shot loss
             put(
                 row,
                 text,
                 "recovered",
-                d.recovered,
-                f"{100 * d.recovered:.0f}% [{100 * d.recovered_low:.0f}, {100 * d.recovered_high:.0f}]"
-                if lost
+                share,
+                f"{100 * share:.0f}% [{100 * d.recovered_low:.0f}, {100 * d.recovered_high:.0f}]"
+                if pd.notna(share)
                 else "(no zero-shot loss to recover)",
             )
-            row |= {"recovered low": d.recovered_low, "recovered high": d.recovered_high}
+            row |= {"recovered low": d.get("recovered_low"), "recovered high": d.get("recovered_high")}
         kl = part[(part.task == "heldout") & (part.metric == "kl")].value
         if len(kl):
             put(row, text, "heldout kl", float(kl.iloc[0]), f"{kl.iloc[0]:.3f}")
