@@ -2,7 +2,7 @@
 
 from .errors import CqilError, PlanError
 from .models import load_model, load_tokenizer
-from .plan import Plan, Setup
+from .plan import Plan, Prune, Setup, parse_plan
 from .transform import apply_plan, remove_plan
 
 __version__ = "0.1.0"
@@ -10,6 +10,8 @@ __all__ = [
     "CqilError",
     "Plan",
     "PlanError",
+    "Prune",
+    "parse_plan",
     "Setup",
     "apply_plan",
     "remove_plan",

@@ -21,7 +21,7 @@ from pathlib import Path
 from .errors import CqilError
 from .metrics import perplexity
 from .models import DTYPES, describe, load_model
-from .plan import ENGINES, Plan
+from .plan import ENGINES, parse_plan
 from .runtime import report_error
 from .stages import STAGES, settings
 from .transform import apply_plan, remove_plan
@@ -38,12 +38,18 @@ OPTIONS = {
     "search": dict(help="search.csv, written by `cqil search`"),
     "selected": dict(help="selected.json, written by `cqil select`"),
     "predictions": dict(help="predictions.csv, written by `cqil simulate`"),
+    "baselines": dict(help="baselines.json, written by `cqil baselines`"),
+    "levels": dict(help="a quality.csv, written by `cqil quality`"),
+    "differences": dict(help="a quality_diff.csv, written by `cqil quality`"),
+    "latency_table": dict(help="a latency.csv, written by `cqil latency-table`"),
     "run_dir": dict(help="record: results/<run>"),
     "logs": dict(help="record: logs/<run> (Snakemake's benchmark files)"),
     "config_name": dict(help="record: the run's name"),
     "model": dict(help="embedded name, local HF directory, .gguf file or Hub id"),
     "dtype": dict(choices=list(DTYPES)),
-    "plan": dict(help="CQIL plan, e.g. S18-E28-P2-D0 (0-indexed, end exclusive)"),
+    "plan": dict(
+        help="CQIL plan (S18-E28-P2-D0; LP: S18-E28-P2-LP; 0-indexed, end exclusive) or pruned layers (drop-17-19)"
+    ),
     "layers": dict(type=int, help="expected number of decoder layers (from the config)"),
     "corpus": dict(help="corpus file written by `cqil corpus`"),
     "inputs": dict(nargs="+", help="the JSON files to collect"),
@@ -97,7 +103,7 @@ def run_stage(name: str, args) -> int | None:
     names = [param for param in inspect.signature(run).parameters if param != "settings"]
     given = {param: args.argv if param == "argv" else getattr(args, param) for param in names}
     if given.get("plan"):
-        given["plan"] = Plan.parse(given["plan"])
+        given["plan"] = parse_plan(given["plan"])
     if settings_class:
         return run(settings(settings_class, args.settings, name), **given)
     return run(**given)
@@ -117,7 +123,7 @@ def _text(path: str) -> str:
 
 def cmd_ppl(args) -> None:
     """Print the perplexity of the original model and, with --plan, of the CQIL model on a text file."""
-    plan, text = Plan.parse(args.plan) if args.plan else None, _text(args.text)
+    plan, text = parse_plan(args.plan) if args.plan else None, _text(args.text)
     model, tokenizer = load_model(args.model, plan=plan, dtype=args.dtype)
     ids = tokenizer(text, return_tensors="pt")["input_ids"][0]
     print(f"{'plan':24} {'tokens':>8} {'perplexity':>11}")
@@ -129,7 +135,7 @@ def cmd_ppl(args) -> None:
 
 def cmd_generate(args) -> None:
     """Greedy continuation of a prompt by the original model and, with --plan, by the CQIL model."""
-    plan = Plan.parse(args.plan) if args.plan else None
+    plan = parse_plan(args.plan) if args.plan else None
     model, tokenizer = load_model(args.model, plan=plan, dtype=args.dtype)
     inputs = tokenizer(args.prompt, return_tensors="pt")
     for variant in [None, plan] if plan else [None]:

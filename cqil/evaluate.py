@@ -28,7 +28,7 @@ from .errors import CqilError
 from .io import provenance, write_json
 from .metrics import add_sums, block_nll, summarize
 from .models import load_model
-from .plan import Plan
+from .plan import Plan, Prune
 
 TASKS = Path(__file__).parent / "tasks"
 CORPUS_TASKS = ("cqil_heldout", "cqil_cloze")  # built from the corpus's test blocks (no outside data)
@@ -253,7 +253,7 @@ def run_evaluate(
     out,
     corpus=None,
     dtype: str = "auto",
-    plan: Plan | None = None,
+    plan: Plan | Prune | None = None,
     adapter=None,
 ) -> None:
     """The stage: lm-eval tasks and WikiText-2 perplexity on the original, a plan (zero-shot) or a plan with its

@@ -43,7 +43,7 @@ from .io import atomic, provenance, write_csv, write_json
 from .layers import decoder_layers
 from .metrics import add_sums, log_probs, summarize, token_sums
 from .models import load_model
-from .plan import Plan
+from .plan import Plan, Prune
 from .report import loss_figure
 from .transform import apply_plan, planned
 
@@ -96,14 +96,15 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float, re
     return kl / (student.shape[0] * student.shape[1] if reduction == "token" else student.shape[0])
 
 
-def lora_config(plan: Plan, num_layers: int, settings: FinetuneSettings) -> LoraConfig:
-    layers = list(range(plan.start, plan.end)) if settings.lora_layers == "grouped" else list(range(num_layers))
+def lora_config(plan: Plan | Prune, num_layers: int, settings: FinetuneSettings) -> LoraConfig:
+    layers = range(plan.start, plan.end) if settings.lora_layers == "grouped" else range(num_layers)
+    removed = plan.removed if isinstance(plan, Prune) else ()  # a pruned model has no such layers to adapt
     return LoraConfig(
         r=settings.lora_r,
         lora_alpha=settings.lora_alpha,
         lora_dropout=settings.lora_dropout,
         target_modules=settings.target_modules,
-        layers_to_transform=layers,
+        layers_to_transform=[i for i in layers if i not in removed],
         task_type="CAUSAL_LM",
     )
 
@@ -163,7 +164,7 @@ def _mixed_precision(choice: str) -> str:
 
 def finetune(
     model,
-    plan: Plan,
+    plan: Plan | Prune,
     blocks: torch.Tensor,
     settings: FinetuneSettings,
     out_dir,
@@ -288,7 +289,15 @@ def _save_adapter(student, target: Path) -> None:
 
 
 def run_finetune(
-    settings: FinetuneSettings, *, model: str, plan: Plan, corpus, out_dir, summary, dtype: str = "auto", figure=None
+    settings: FinetuneSettings,
+    *,
+    model: str,
+    plan: Plan | Prune,
+    corpus,
+    out_dir,
+    summary,
+    dtype: str = "auto",
+    figure=None,
 ) -> None:
     """The stage: fine-tune `plan`'s adapters (resuming from `out_dir`'s checkpoint), write the summary JSON
     and, with `figure`, the loss curve."""

@@ -1,6 +1,7 @@
-"""Latency of the original model (1 rank), CQIL (P ranks) and tensor parallelism (n ranks).
+"""Latency of the original model (1 rank), CQIL (P ranks), tensor parallelism (n ranks) and a pruned model (1 rank).
 
     cqil latency --model smollm2-135m --engine cqil --plan S12-E28-P2-D0 --out cqil.json
+    cqil latency --model smollm2-135m --engine pruned --plan drop-17-19-20-22-23-25 --out pruned.json
     cqil latency-table cqil.json original.json --out latency.csv --figure latency
 
 One repeat is a greedy generation: a prefill of the prompt (logits of its last position only, as
@@ -9,7 +10,8 @@ each record holds the median, p10 and p90 over the repeats, on rank 0's clock af
 On CPU each rank of a multi-rank engine is bound to its own cores (`runtime.pin`).
 In the same run a check compares the engine's logits with a single-process reference under teacher
 forcing (both fed the reference's greedy tokens): cqil against the simulation of its plan
-(`transform.py`), tp against the original model. A padded batch exercises the masks.
+(`transform.py`), tp against the original model. A padded batch exercises the masks. A pruned model is
+that single-process transform itself, so it has no check (its equivalence is tested in tests/test_transform.py).
 
 The original engine also records where the time goes (per-layer time, the rest: embedding, final
 norm, head, sampling); the cqil engine records all-reduce time against message size. The simulator
@@ -37,10 +39,10 @@ from .errors import EngineError
 from .io import provenance, write_csv, write_json, write_markdown
 from .layers import decoder_layers, with_cache
 from .models import DTYPES, load_config, load_model, random_config
-from .plan import ENGINES, Plan, Setup
+from .plan import ENGINES, Plan, Prune, Setup, parse_plan
 from .report import latency_figure
 from .runtime import cqil, tp
-from .transform import planned
+from .transform import apply_plan, check_prune, planned
 
 SHAPE = (
     "hidden_size",
@@ -72,20 +74,22 @@ class LatencySettings:
     timeout: float = 300.0  # seconds a rank waits in a collective before the run fails
 
 
-def setup_of(engine: str, plan: Plan | None, degree: int | None) -> Setup:
+def setup_of(engine: str, plan: Plan | Prune | None, degree: int | None) -> Setup:
     """The setup the command line asks for (`--engine`, `--plan`, `--degree`), or a one-line error."""
     if engine not in ENGINES:
         raise EngineError(f"engine {engine!r}: allowed are {', '.join(ENGINES)}")
-    if engine == "cqil" and plan is None:
+    if engine == "cqil" and not isinstance(plan, Plan):
         raise EngineError("engine cqil needs a plan (--plan S12-E28-P2-D0)")
+    if engine == "pruned" and not isinstance(plan, Prune):
+        raise EngineError("engine pruned needs the removed layers (--plan drop-17-19-20)")
     if engine == "tp" and not degree:
         raise EngineError("engine tp needs a degree (--degree 2)")
-    return Setup(engine, plan if engine == "cqil" else None, degree if engine == "tp" else 1)
+    return Setup(engine, plan if engine in ("cqil", "pruned") else None, degree if engine == "tp" else 1)
 
 
 def result_setup(result: dict, threads: int | None = None) -> Setup:
     """The setup a `cqil latency` result timed; `threads` tells the original's thread counts apart."""
-    plan = Plan.parse(result["plan"]) if result["plan"] else None
+    plan = parse_plan(result["plan"]) if result["plan"] else None
     return Setup(result["engine"], plan, result["degree"] or 1, threads if result["engine"] == "original" else None)
 
 
@@ -299,6 +303,8 @@ def shard(model, setup: Setup, ranks, settings: LatencySettings):
     """This rank's part of the setup's engine, and the check of its logits against the single-process reference."""
     if setup.engine == "original":
         return model, None
+    if setup.engine == "pruned":  # one process, as the other stages run it: nothing distributed to check
+        return apply_plan(model, setup.plan), None
     if setup.engine == "cqil":
         with planned(model, setup.plan):  # the single-process simulation of the same plan
             reference = reference_run(model, settings, ranks.device)
@@ -411,18 +417,20 @@ def run_latency(
     engine: str,
     out,
     argv: list[str],
-    plan: Plan | None = None,
+    plan: Plan | Prune | None = None,
     degree: int | None = None,
     dtype: str = "auto",
     device: str = "auto",
 ) -> None:
-    """The stage: prefill and decode latency of one engine (original, cqil or tp), checked against a 1-process
+    """The stage: prefill and decode latency of one engine (original, cqil, tp or pruned), checked against a 1-process
     reference in the same run. cqil and tp run on several ranks: outside torchrun this starts torchrun itself
     (with `argv`, this command's own arguments)."""
     setup = setup_of(engine, plan, degree)
     config = load_config(model)  # refuse a bad plan or degree before any process starts
     if setup.plan:
         setup.plan.validate(config.num_hidden_layers)
+    if setup.engine == "pruned":
+        check_prune(config, setup.plan)
     if setup.engine == "tp":
         tp.check_degree(config, setup.degree)
     if setup.ranks > 1 and not runtime.under_torchrun():

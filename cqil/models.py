@@ -30,7 +30,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufCo
 from .errors import ModelError
 from .io import provenance, write_json
 from .layers import FAMILIES
-from .plan import Plan
+from .plan import Plan, Prune
 from .transform import apply_plan, stored_plan
 
 DTYPES = {
@@ -220,7 +220,7 @@ def load_tokenizer(spec: str):
     return tokenizer
 
 
-def load_model(spec: str, plan: Plan | None = None, dtype: str = "auto"):
+def load_model(spec: str, plan: Plan | Prune | None = None, dtype: str = "auto"):
     """Load (model, tokenizer) in eval mode; apply `plan`, or the plan stored in the model's config.
 
     The family and the plan are checked against the config before any weight is read. A

@@ -30,7 +30,7 @@ from .io import provenance, write_csv, write_json
 from .layers import decoder_inputs, decoder_layers, lm_logits, run_layers
 from .metrics import add_sums, log_probs, summarize, token_sums
 from .models import load_config, load_model
-from .plan import Plan
+from .plan import Plan, Prune
 from .transform import apply_plan, planned
 
 METRICS = {"kl": "min", "perplexity": "min", "top1": "max"}  # what "better" means for each metric
@@ -116,7 +116,7 @@ def _plan_sums(model, batch: torch.Tensor, plans: list[Plan], reuse_prefix: bool
         yield plan, token_sums(log_probs(lm_logits(model, hidden)), batch, reference)
 
 
-def plan_row(plan: Plan | None, num_layers: int) -> dict:
+def plan_row(plan: Plan | Prune | None, num_layers: int) -> dict:
     """The plan's identity and ideal latency, as table columns."""
     if plan is None:
         return {
@@ -192,7 +192,7 @@ def run_select(settings: SelectSettings, *, search, out) -> None:
     )
 
 
-def run_score(settings: ScoreSettings, *, model: str, plan: Plan, corpus, out, dtype: str = "auto") -> None:
+def run_score(settings: ScoreSettings, *, model: str, plan: Plan | Prune, corpus, out, dtype: str = "auto") -> None:
     """The stage: perplexity, KL to the original and top-1 agreement of one plan on the test blocks (JSON)."""
     blocks = load_split(corpus, settings.split)
     loaded, _ = load_model(model, dtype=dtype)

@@ -156,7 +156,8 @@ def latency(
     if plan is None or plan.size == 1:
         return layers * layer + rest
     grouped, groups = plan.end - plan.start, (plan.end - plan.start) // plan.size
-    combine = allreduce_time(hw, plan.size, message) * (2 if plan.bypass else 1)  # + all-gather for bypass
+    two = plan.bypass or plan.bypass_mode == "lp"  # bypass all-gathers the attention outputs first, LP all-reduces them
+    combine = allreduce_time(hw, plan.size, message) * (2 if two else 1)
     return (layers - grouped) * layer + groups * (layer + combine) + rest
 
 

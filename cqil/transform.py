@@ -1,6 +1,7 @@
 """The CQIL transform of a model, in one process: the layers of each group read the same input, their deltas are summed.
 
     apply_plan(model, Plan.parse("S18-E28-P2-D0"))   # in place; weights are not copied
+    apply_plan(model, Prune((17, 19, 20)))           # the pruning baseline: those layers left out
     remove_plan(model)                               # the original forward again
 
 This is the arithmetic of P ranks run one after another: the reference that the concurrent engine
@@ -12,6 +13,8 @@ first layer of a group computes the whole group from the shared input; the other
 group hand their input through untouched. Nothing moves, so the state dict keys, peft's LoRA
 targets and `save_pretrained` are those of the original model, and each layer keeps its own
 `layer_idx`, so the KV cache holds one entry per layer and `generate()` works with the cache.
+A pruned layer hands its input through too, and its cache slot stays empty; transformers reads the cache
+length from the first layer of each attention type, so those layers cannot be pruned (`check_prune`).
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ from functools import partial
 import torch
 
 from .errors import PlanError
-from .layers import decoder_layers
-from .plan import Plan
+from .layers import decoder_layers, layer_types
+from .plan import Plan, Prune, parse_plan
 
 
 def attention(layer, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
@@ -39,16 +42,30 @@ def delta(layer, hidden_states: torch.Tensor, attn: torch.Tensor, bypassed, offi
     """
     bypassing = torch.is_tensor(bypassed)  # adding a literal 0 would still copy the (B, T, C) tensor
     mixed = hidden_states + attn + bypassed if bypassing else hidden_states + attn
-    mlp = layer.mlp(layer.post_attention_layernorm(mixed))
+    mlp = mlp_delta(layer, mixed)
     return attn + mlp + bypassed if official and bypassing else attn + mlp
 
 
-def group_forward(members, bypass: int, official: bool, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+def mlp_delta(layer, mixed: torch.Tensor) -> torch.Tensor:
+    """MLP_k(norm(h)): layer k's MLP on the residual stream `mixed` (B, T, C)."""
+    return layer.mlp(layer.post_attention_layernorm(mixed))
+
+
+def lp_forward(members, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+    """One LP group: h = x + sum_k A_k(x), then y = h + sum_k MLP_k(norm_k(h)); every MLP sees every attention."""
+    mixed = hidden_states + sum(attention(layer, hidden_states, **kwargs) for layer in members)
+    return mixed + sum(mlp_delta(layer, mixed) for layer in members)
+
+
+def group_forward(members, bypass: int, mode: str, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
     """One group: `hidden + sum_k delta_k(hidden)`; `hidden_states` (B, T, C) is the group's input.
 
-    B_k is the sum of the `bypass` (D) previous attention outputs of the group (0 for D = 0).
-    `runtime/cqil.py` computes the same sum with one layer per rank.
+    B_k is the sum of the `bypass` (D) previous attention outputs of the group (0 for D = 0); the LP mode
+    mixes all of them (`lp_forward`). `runtime/cqil.py` computes the same sums with one layer per rank.
     """
+    if mode == "lp":
+        return lp_forward(members, hidden_states, **kwargs)
+    official = mode == "official"
     attn_outputs = []  # A_0 .. A_{k-1}, each (B, T, C)
     total = torch.zeros_like(hidden_states)
     for layer in members:
@@ -75,7 +92,24 @@ def check_layer_types(config, plan: Plan) -> None:
             )
 
 
-def apply_plan(model, plan: Plan | None):
+def prunable_layers(config) -> list[int]:
+    """The layers a Prune may remove: all but the first of each attention type, whose KV cache slot transformers
+    reads for the cache length (positions, masks); a pruned layer leaves its slot empty."""
+    types = layer_types(config)
+    return [i for i in range(len(types)) if i != types.index(types[i])]
+
+
+def check_prune(config, prune: Prune) -> None:
+    """A one-line error if `prune` removes a layer that must stay (`prunable_layers`)."""
+    types, allowed = layer_types(config), prunable_layers(config)
+    if kept := [i for i in prune.removed if i < len(types) and i not in allowed]:
+        raise PlanError(
+            f"prune {prune}: layer {kept[0]} is the first {types[kept[0]]} layer, whose KV cache slot transformers "
+            f"reads for the cache length; it cannot be removed"
+        )
+
+
+def apply_plan(model, plan: Plan | Prune | None):
     """Make `model` compute `plan` in place (None restores the original); returns the model.
 
     The plan is stored in `model.config.cqil_plan`, so `save_pretrained` keeps it and
@@ -86,18 +120,23 @@ def apply_plan(model, plan: Plan | None):
         return model
     layers = decoder_layers(model)
     plan.validate(len(layers))
-    check_layer_types(model.config, plan)
+    if isinstance(plan, Plan):
+        check_layer_types(model.config, plan)
     for i, layer in enumerate(layers):
         if "forward" in layer.__dict__:  # e.g. accelerate's device_map / offload hooks live there
             raise PlanError(
                 f"plan {plan}: layer {i} already has its forward replaced (accelerate hooks?); "
                 f"apply the plan to a model loaded without device_map offloading"
             )
+    # An instance attribute shadows the class's forward; nn.Module.__call__ (hooks) is unchanged.
+    if isinstance(plan, Prune):
+        check_prune(model.config, plan)
+        for i in plan.removed:
+            layers[i].forward = pass_through
     # A group of one layer is that layer: with P=1 every layer keeps its own forward, bit for bit.
-    for group in plan.groups() if plan.size > 1 else ():
+    for group in plan.groups() if isinstance(plan, Plan) and plan.size > 1 else ():
         members = [layers[i] for i in group]
-        # An instance attribute shadows the class's forward; nn.Module.__call__ (hooks) is unchanged.
-        members[0].forward = partial(group_forward, members, plan.bypass, plan.bypass_mode == "official")
+        members[0].forward = partial(group_forward, members, plan.bypass, plan.bypass_mode)
         for layer in members[1:]:
             layer.forward = pass_through
     model.config.cqil_plan = str(plan)
@@ -118,7 +157,7 @@ def remove_plan(model):
 
 
 @contextlib.contextmanager
-def planned(model, plan: Plan | None):
+def planned(model, plan: Plan | Prune | None):
     """Run a block with `plan` applied (None: the original model), then restore the model's own plan."""
     before = stored_plan(model.config)
     apply_plan(model, plan)
@@ -128,7 +167,7 @@ def planned(model, plan: Plan | None):
         apply_plan(model, before)
 
 
-def stored_plan(config) -> Plan | None:
+def stored_plan(config) -> Plan | Prune | None:
     """The plan recorded in a model config by `apply_plan`, if any."""
     name = getattr(config, "cqil_plan", None)
-    return Plan.parse(name) if name else None
+    return parse_plan(name) if name else None

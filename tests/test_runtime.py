@@ -62,6 +62,8 @@ def run_latency(tmp_path, model, *args, settings=SETTINGS) -> dict:
         ("llama", ["--engine", "cqil", "--plan", "S0-E8-P2-D1"], "replicated"),  # from layer 0: the cache-slot remap
         ("qwen2", ["--engine", "cqil", "--plan", "S2-E8-P2-D1-official"], "replicated"),
         ("llama", ["--engine", "cqil", "--plan", "S2-E6-P2-D1"], "rank0"),  # the official code's placement
+        ("llama", ["--engine", "cqil", "--plan", "S0-E8-P2-LP"], "replicated"),  # LP: the attention outputs all-reduced
+        ("qwen2", ["--engine", "cqil", "--plan", "S2-E6-P2-LP"], "rank0"),
         ("llama", ["--engine", "tp", "--degree", "2"], None),
         ("qwen2", ["--engine", "tp", "--degree", "2"], None),
     ],
@@ -98,6 +100,14 @@ def test_pin_gives_each_rank_its_own_cores():
         assert pin(Ranks(0, 1, torch.device("cpu")), threads=1) is None  # one rank: nothing to split
     finally:
         bind(allowed)
+
+
+def test_pruned_model_runs_on_one_rank_beside_the_original(tiny_dirs, tmp_path):
+    result = run_latency(tmp_path, tiny_dirs["llama"], "--engine", "pruned", "--plan", "drop-2-5-6")
+    assert (result["engine"], result["plan"], result["ranks"], result["check"]) == ("pruned", "drop-2-5-6", 1, None)
+    assert all(len(r["baseline_samples_ms"]) == 2 for r in result["records"])  # the original, timed in the same run
+    frame = table([{"path": "x", **result}])
+    assert set(frame.setup) == {"pruned drop-2-5-6"} and (frame.ideal == 3 / 8).all()
 
 
 def test_original_records_threads_and_parts(tiny_dirs, tmp_path):

@@ -9,7 +9,7 @@ from conftest import tiny_model
 from peft import LoraConfig, get_peft_model
 from transformers.masking_utils import create_causal_mask
 
-from cqil import Plan, PlanError, apply_plan, load_model, remove_plan
+from cqil import Plan, PlanError, apply_plan, load_model, parse_plan, remove_plan
 from cqil.layers import CACHE, with_cache
 
 PLANS = [
@@ -160,11 +160,11 @@ def test_groups_must_not_mix_attention_types():
         apply_plan(model, Plan.parse("S1-E7-P2-D0"))
 
 
-@pytest.mark.parametrize("name", ["S2-E6-P2-D0", "S1-E5-P4-D1"])
+@pytest.mark.parametrize("name", ["S2-E6-P2-D0", "S1-E5-P4-D1", "S2-E6-P2-LP", "S0-E8-P4-LP", "drop-2-5-6"])
 def test_cached_generation_equals_uncached(family, name):
     """Greedy decoding with the KV cache == recomputing the whole padded sequence every token."""
-    model, tokens = tiny_model(family, dtype=torch.float32), 8
-    apply_plan(model, Plan.parse(name))
+    model, tokens, plan = tiny_model(family, dtype=torch.float32), 8, parse_plan(name)
+    apply_plan(model, plan)
     ids = ids_batch(length=6)
     mask = torch.ones_like(ids)
     ids[0, :2], mask[0, :2] = 0, 0  # row 0 is left-padded by two tokens
@@ -178,10 +178,10 @@ def test_cached_generation_equals_uncached(family, name):
         output_logits=True,
         pad_token_id=0,
     )
-    # every layer, grouped or not, has its own cache entry holding every position
-    cache = getattr(out, CACHE)
+    # every layer, grouped or not, has its own cache entry holding every position (a pruned layer none)
+    cache, removed = getattr(out, CACHE), getattr(plan, "removed", ())
     assert len(cache.layers) == 8
-    assert all(layer.keys.shape[-2] == 6 + tokens - 1 for layer in cache.layers)
+    assert all(layer.keys.shape[-2] == 6 + tokens - 1 for i, layer in enumerate(cache.layers) if i not in removed)
 
     seq = ids
     with torch.no_grad():
@@ -189,7 +189,7 @@ def test_cached_generation_equals_uncached(family, name):
             full_mask = torch.cat([mask, torch.ones(2, step, dtype=mask.dtype)], dim=1)
             pos = (full_mask.cumsum(-1) - 1).clamp(min=0)
             logits = model(input_ids=seq, attention_mask=full_mask, position_ids=pos, use_cache=False).logits[:, -1]
-            torch.testing.assert_close(out.logits[step], logits, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(out.logits[step], logits, atol=1e-4, rtol=1e-4)  # float32 sums
             seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(out.sequences, seq)
 

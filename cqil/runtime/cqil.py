@@ -14,7 +14,8 @@ that starts at layer 0.
 
 The sum is the one `transform.group_forward` computes in one process (tests check logits agree):
 group output = hidden + all_reduce(delta_j). With bypass D >= 1, layer j's MLP input needs the
-attention outputs of layers j-D .. j-1 of the group, so the ranks all-gather theirs first.
+attention outputs of layers j-D .. j-1 of the group, so the ranks all-gather theirs first. LP's mode
+(every MLP reads every attention output) all-reduces the attention outputs instead: two all-reduces a group.
 """
 
 from __future__ import annotations
@@ -27,13 +28,13 @@ import torch.distributed as dist
 from ..errors import EngineError
 from ..layers import CACHE, causal_lm, decoder_layers
 from ..plan import Plan
-from ..transform import attention, check_layer_types, delta, pass_through, remove_plan
+from ..transform import attention, check_layer_types, delta, mlp_delta, pass_through, remove_plan
 
 PLACEMENTS = ("replicated", "rank0")
 
 
 def rank_forward(
-    layer, rank: int, bypass: int, official: bool, entry: bool, hidden_states: torch.Tensor, **kwargs
+    layer, rank: int, bypass: int, mode: str, entry: bool, hidden_states: torch.Tensor, **kwargs
 ) -> torch.Tensor:
     """This rank's share of a group on the group input `hidden_states` (B, T, C): the whole group's output.
 
@@ -43,12 +44,19 @@ def rank_forward(
         hidden_states = hidden_states.contiguous()
         dist.broadcast(hidden_states, src=0)
     attn = attention(layer, hidden_states, **kwargs)
+    if mode == "lp":  # h = x + sum_k A_k; y = h + sum_k MLP_k(norm(h))
+        attn = attn.contiguous()
+        dist.all_reduce(attn)
+        mixed = hidden_states + attn
+        summed = mlp_delta(layer, mixed)
+        dist.all_reduce(summed)
+        return mixed + summed
     bypassed = 0
     if bypass:
         attn_outputs = [torch.empty_like(attn) for _ in range(dist.get_world_size())]
         dist.all_gather(attn_outputs, attn.contiguous())
         bypassed = sum(attn_outputs[max(0, rank - bypass) : rank])
-    summed = delta(layer, hidden_states, attn, bypassed, official)
+    summed = delta(layer, hidden_states, attn, bypassed, mode == "official")
     dist.all_reduce(summed)  # sum over the group's layers, one per rank
     return hidden_states + summed
 
@@ -100,5 +108,5 @@ def shard(model, plan: Plan, rank: int, world: int, placement: str = "replicated
                 layer.to("meta")  # frees the weights another rank computes
             layer.forward = pass_through
         entry = placement == "rank0" and g == 0
-        members[0].forward = partial(rank_forward, own, rank, plan.bypass, plan.bypass_mode == "official", entry)
+        members[0].forward = partial(rank_forward, own, rank, plan.bypass, plan.bypass_mode, entry)
     return model
