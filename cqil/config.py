@@ -55,6 +55,12 @@ def check_plans(config: dict) -> None:
                     Plan.parse(plan).validate(layers)
                 except CqilError as err:
                     raise ConfigError(f"config.{field}[{i}]: {err} (model {name!r})") from None
+        for i, plan in enumerate(config.get("baselines", {}).get("match", [])):
+            try:
+                if plan != "selected":
+                    Plan.parse(plan).validate(layers)
+            except CqilError as err:
+                raise ConfigError(f"config.baselines.match[{i}]: {err} (model {name!r})") from None
         grid = Plan.grid(
             layers,
             search["starts"],

@@ -289,6 +289,53 @@ def tradeoff_figure(diffs: pd.DataFrame, path) -> None:
     save_figure(fig, path)
 
 
+def comparison_figure(table: pd.DataFrame, path) -> None:
+    """CQIL against LP and layer pruning at equal depth: a row per method (with the GPUs it needs), grouped by depth;
+    left the task average's difference from the original, right WikiText-2 perplexity, both with 95% intervals,
+    zero-shot (open) and fine-tuned (filled)."""
+    methods = list(dict.fromkeys(zip(table.depth, table.method, table.variant, table.gpus)))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 0.55 * len(methods) + 1.6), sharey=True)
+    for y, (_, method, variant, _) in enumerate(methods):
+        for stage, offset, fill in (("zeroshot", 0.15, "none"), ("finetuned", -0.15, None)):
+            row = table[(table.method == method) & (table.variant == variant) & (table.stage == stage)]
+            if not len(row):
+                continue
+            row, colour = row.iloc[0], "C0" if method == "CQIL" else "C1" if method == "LP" else "C3"
+            for ax, value, low, high in (
+                (left, "average_diff", "average_low", "average_high"),
+                (right, "wikitext2_ppl", "wikitext2_low", "wikitext2_high"),
+            ):
+                if value in row and not pd.isna(row[value]):
+                    ax.errorbar(
+                        row[value],
+                        y + offset,
+                        xerr=[[row[value] - row[low]], [row[high] - row[value]]],
+                        marker="o" if stage == "zeroshot" else "s",
+                        color=colour,
+                        markerfacecolor=fill or colour,
+                        capsize=3,
+                        linestyle="none",
+                        label=stage.replace("shot", "-shot") if y == 0 and ax is left else None,
+                    )
+    labels = [
+        f"{method}  {variant}\n{gpus} GPU{'s' if gpus > 1 else ''}, depth {depth}"
+        for depth, method, variant, gpus in methods
+    ]
+    left.set_yticks(range(len(methods)), labels, fontsize=8)
+    left.invert_yaxis()
+    left.axvline(0, color="grey", linewidth=0.8)
+    left.set(xlabel="task average: difference from the original (points)")
+    if "wikitext2_original" in table and table.wikitext2_original.notna().any():
+        right.axvline(table.wikitext2_original.dropna().iloc[0], color="grey", linestyle="dashed", label="original")
+    right.set(xlabel="WikiText-2 perplexity", xscale="log")
+    for ax in (left, right):
+        ax.grid(alpha=0.3, axis="x")
+    left.legend(fontsize=8, loc="lower left")
+    right.legend(fontsize=8, loc="lower right")
+    fig.suptitle("CQIL, LP and layer pruning at equal sequential depth (95% intervals)", fontsize=10)
+    save_figure(fig, path)
+
+
 # --- Tables: CSV, Markdown and LaTeX, from the stage tables only ------------------------------------
 
 # LLaMA-1-7B, KD fine-tuned, lm-eval 0.4.1, accuracy in %: the official README (../shared/PAPER.md).

@@ -14,6 +14,7 @@ import json
 from dataclasses import fields
 
 from .analysis import SensitivitySettings, SimilaritySettings, run_sensitivity, run_similarity
+from .baselines import BaselinesSettings, run_baselines, run_comparison
 from .data import CorpusSettings, run_corpus
 from .errors import CqilError
 from .evaluate import EvaluateSettings, run_evaluate
@@ -35,11 +36,13 @@ STAGES = {  # in pipeline order; a settings class reads the config section named
     "select": (SelectSettings, run_select),
     "score": (ScoreSettings, run_score),
     "scores-table": (None, run_scores_table),
+    "baselines": (BaselinesSettings, run_baselines),
     "finetune": (FinetuneSettings, run_finetune),
     "finetuned-table": (None, run_finetuned_table),
     "evaluate": (EvaluateSettings, run_evaluate),
     "quality": (QualitySettings, run_quality),
     "compare": (None, run_compare),
+    "comparison": (None, run_comparison),
     "figures": (None, run_figures),
     "latency": (LatencySettings, run_latency),
     "latency-table": (None, run_latency_table),

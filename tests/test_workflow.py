@@ -14,6 +14,7 @@ from conftest import checkout_copy
 
 from cqil.config import check_config
 from cqil.errors import ConfigError, CqilError
+from cqil.plan import Plan
 from cqil.stages import SECTIONS, settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -311,6 +312,26 @@ def test_real_run_on_the_default_model(tmp_path):
 
     again = run(*small, "-n")
     assert "Nothing to be done" in again.stdout + again.stderr, again.stdout + again.stderr
+
+    # The baselines overlay on the same run, matched to its P2 plan: pruning and LP through the same stages
+    plan = next(name for name in selected if "-P2-" in name)
+    (tmp_path / "match.yaml").write_text(f"baselines:\n  match: [{plan}]\n")
+    overlay = ["--configfile", "tests/data/small.yaml", "config/baselines.yaml", str(tmp_path / "match.yaml")]
+    run(*overlay, "--config", "run=pytest")
+    baselines = json.loads((out / "baselines.json").read_text())
+    assert {row["rule"] for row in baselines["baselines"]} == {"block_influence", "greedy", "lp"}
+    assert len(baselines["evidence"]["block_influence"]) == 30 and baselines["evidence"]["greedy"]
+    comparison = pd.read_csv(out / "comparison.csv")
+    assert set(zip(comparison.method, comparison.stage)) == {
+        (method, stage)
+        for method in ("CQIL", "LP", "pruned (ShortGPT BI)", "pruned (SLEB greedy)")
+        for stage in ("zeroshot", "finetuned")
+    }
+    assert (comparison.depth == Plan.parse(plan).steps(30)).all()  # equal sequential depth
+    assert comparison.set_index("method").gpus.to_dict()["LP"] == 2 and comparison.gpus.min() == 1
+    assert (comparison.average_low <= comparison.average_diff).all() and comparison.wikitext2_ppl.notna().all()
+    assert comparison.prefill_16_reduction.notna().all() and comparison.decode_reduction.notna().all()  # all timed
+    assert (out / "figures" / "comparison.png").stat().st_size > 10_000
     changed = jobs(run(*small, "select={'metric': 'top1'}", "-n").stdout)
     assert "search" not in changed and "corpus" not in changed and changed["select"] == 1
     # a fine-tuning job with several GPUs is launched by torchrun, a process per GPU

@@ -4,10 +4,11 @@ import re
 import shlex
 from pathlib import Path
 
+from cqil.baselines import BaselinesSettings
 from cqil.config import check_config
 from cqil.errors import CqilError
 from cqil.evaluate import CORPUS_TASKS
-from cqil.plan import PLAN_NAME, SETUP_NAME, Setup
+from cqil.plan import PLAN_NAME, SETUP_NAME, Setup, parse_plan
 
 try:
     check_config(config, Path(workflow.basedir) / "schemas" / "config.schema.yaml")
@@ -27,6 +28,7 @@ def log_path(rule, suffix="log"):
 
 
 LATENCY_MODELS = config["latency_setups"]["models"]
+BASELINES = BaselinesSettings(**config["baselines"]).active if "baselines" in config else False
 
 
 wildcard_constraints:
@@ -162,7 +164,36 @@ def latency_files(model):
 
 
 def latency_inputs(wildcards):
-    return latency_files(wildcards.model)
+    """The latency table's records; with baselines, also every compared variant of a run model that fits the cores
+    (a 4-rank setup on 2 cores would time contention, not the setup)."""
+    files = latency_files(wildcards.model)
+    if BASELINES and wildcards.model in config["models"]:
+        setups = [Setup.of(parse_plan(name)) for name in compared_variants(wildcards.model)]
+        wanted = [setup.name for setup in setups if setup.ranks <= workflow.cores]
+        files += [path for path in expand(f"{RESULTS}/latency/{{setup}}.json", model=wildcards.model, setup=wanted)]
+    return list(dict.fromkeys(files))
+
+
+def compared_variants(model):
+    """The matched CQIL plans and their baselines, in the order of the `baselines` checkpoint's record."""
+    record = json.loads(Path(checkpoints.baselines.get(model=model).output[0]).read_text())
+    return list(dict.fromkeys([row["plan"] for row in record["baselines"]] + record["variants"]))
+
+
+def for_compared_variants(*patterns):
+    """An input function: each of `patterns` for each compared variant (plan=the variant's name)."""
+
+    def inputs(wildcards):
+        variants = compared_variants(wildcards.model)
+        return [path for pattern in patterns for path in expand(pattern, model=wildcards.model, plan=variants)]
+
+    return inputs
+
+
+def compared_evaluations(wildcards):
+    """The evaluations the comparison reads: the original, and each compared variant zero-shot and fine-tuned."""
+    variants = for_compared_variants(f"{RESULTS}/eval/{{plan}}.json", f"{RESULTS}/eval/{{plan}}-finetuned.json")
+    return expand(f"{RESULTS}/eval/original.json", model=wildcards.model) + variants(wildcards)
 
 
 def engine_args(wildcards):
@@ -198,4 +229,9 @@ def final_targets():
         + expand([f"{RESULTS}/latency.csv", f"{RESULTS}/figures/latency.png"], model=LATENCY_MODELS)
         + ([f"{SIMULATION}/predictions.csv"] if LATENCY_MODELS else [])
         + [f"{TABLES}/quality.csv"]
+        + (
+            expand([f"{RESULTS}/comparison.csv", f"{RESULTS}/figures/comparison.png"], model=config["models"])
+            if BASELINES
+            else []
+        )
     )
