@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -35,6 +36,7 @@ from transformers import DynamicCache, StaticCache
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
 from . import runtime
+from .contention import Window, contended, own_seconds
 from .errors import EngineError
 from .io import provenance, write_csv, write_json, write_markdown
 from .layers import decoder_layers, with_cache
@@ -72,6 +74,7 @@ class LatencySettings:
     interleaved_baseline: bool = True  # cqil / tp: rank 0 also times the original between repeats (a copy in memory)
     seed: int = 0
     timeout: float = 300.0  # seconds a rank waits in a collective before the run fails
+    contention_limit: float = 0.1  # share of the job's cores' time other processes may take (cqil/contention.py)
 
 
 def setup_of(engine: str, plan: Plan | Prune | None, degree: int | None) -> Setup:
@@ -299,6 +302,17 @@ def check_failure(check: dict, setup: Setup, dtype) -> str | None:
     )
 
 
+SLOWDOWN = "CQIL_TEST_SLOWDOWN"  # a test hook: engines other than the original take this fraction longer
+
+
+def slow_down(model, fraction: float) -> None:
+    """Every forward of `model` sleeps `fraction` of its own time after it (what `SLOWDOWN` asks for): a real,
+    slower engine for the tests of `cqil track`, without changing the engine's code."""
+    start = {}
+    model.register_forward_pre_hook(lambda module, args: start.update(t=time.perf_counter()))
+    model.register_forward_hook(lambda module, args, out: time.sleep(fraction * (time.perf_counter() - start["t"])))
+
+
 def shard(model, setup: Setup, ranks, settings: LatencySettings):
     """This rank's part of the setup's engine, and the check of its logits against the single-process reference."""
     if setup.engine == "original":
@@ -324,6 +338,7 @@ def measure(
     ranks = runtime.init(settings.timeout, device)
     if ranks.world != setup.ranks:
         raise EngineError(f"engine {setup.engine}: needs {setup.ranks} ranks, this run has {ranks.world}")
+    job_cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
     cores = runtime.pin(ranks, settings.threads_per_rank)
     sync = torch.cuda.synchronize if ranks.device.type == "cuda" else lambda: None
     model, _ = load_model(spec, dtype=dtype)
@@ -337,10 +352,15 @@ def measure(
     if ranks.share(failure is not None):
         ranks.close()
         raise EngineError(failure) if ranks.rank == 0 else SystemExit(2)  # rank 0 says why
+    slowdown = float(os.environ.get(SLOWDOWN, 0)) if not original else 0.0
+    if slowdown:
+        slow_down(model, slowdown)
 
     threads = settings.baseline_threads if original else [settings.threads_per_rank]
     records, parts = [], []
     total = len(threads) * len(settings.prompt_lengths) * (settings.warmup + settings.repeats)
+    ranks.barrier()
+    window, cpu = Window.start(job_cores), own_seconds()
     with tqdm(total=total, desc=f"latency {setup.engine}", disable=ranks.rank != 0) as progress:
         for count in threads:
             if ranks.device.type == "cpu":
@@ -350,6 +370,7 @@ def measure(
                 records += [{"threads": count, **record} for record in found]
                 if original:
                     parts.append({"threads": count, **time_parts(model, settings, length, ranks.device, sync)})
+    load = window.stop(ranks.total(own_seconds() - cpu), settings.contention_limit)  # every rank's CPU time
     several = setup.ranks > 1
     allreduce = time_allreduce(ranks, settings, model.config.hidden_size, model.dtype, sync) if several else []
     backend = torch.distributed.get_backend() if several else None
@@ -369,6 +390,8 @@ def measure(
         "layers": model.config.num_hidden_layers,
         "shape": {key: getattr(model.config, key) for key in SHAPE},
         "check": check,
+        "load": load,
+        "slowdown": slowdown or None,
         "records": records,
         "parts": parts,
         "allreduce": allreduce,
@@ -437,6 +460,12 @@ def run_latency(
         return runtime.launch(["-m", "cqil", *argv], setup.ranks)
     result = measure(model, setup, settings, dtype, device)
     if result is not None:  # rank 0
+        if contended(result):
+            load = result["load"]
+            print(
+                f"cqil: warning: contended: other processes took {load['share']:.0%} of cores {load['cores']} while "
+                f"this ran (limit {load['limit']:.0%}); tables, the simulator's fit and `cqil track` leave it out"
+            )
         write_json(
             out,
             {
@@ -458,8 +487,18 @@ def run_latency(
 
 
 def run_latency_table(inputs, *, out, figure=None, title: str = "") -> None:
-    """The stage: the latency table (CSV, and Markdown beside it) and figure from `cqil latency` files of one model."""
+    """The stage: the latency table (CSV, and Markdown beside it) and figure from `cqil latency` files of one model.
+    A result measured on a busy machine (`load.contended`) is left out, and the stage says so."""
     results = [json.loads(Path(path).read_text()) for path in inputs]
+    for path, result in zip(inputs, results):
+        if contended(result):
+            print(
+                f"cqil: warning: {path}: left out, measured on a busy machine "
+                f"(others took {result['load']['share']:.0%} of its cores)"
+            )
+    results = [result for result in results if not contended(result)]
+    if not results:
+        raise EngineError(f"every latency result was measured on a busy machine: rerun them on a quiet one ({inputs})")
     frame = table(results)
     write_csv(out, frame)
     write_markdown(Path(out).with_suffix(".md"), frame.drop(columns=["model"]))

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .contention import contended
 from .errors import CqilError
 from .io import provenance, write_csv, write_json, write_markdown
 from .latency import result_setup
@@ -384,8 +385,13 @@ def run_simulate(settings: SimulateSettings, *, out_dir, latency=()) -> None:
         )
     )
     by_model = {}
-    for result in (json.loads(Path(path).read_text()) for path in latency):
+    for path in latency:
+        result = json.loads(Path(path).read_text())
+        if contended(result):  # a busy machine's times would fit the machine's other work
+            print(f"cqil: warning: {path}: left out of the fit and the validation, measured on a busy machine")
+            continue
         by_model.setdefault(result["model"], []).append(result)
+    by_model = {model: group for model, group in by_model.items() if any(r["engine"] == "original" for r in group)}
     checked = pd.DataFrame([row for group in by_model.values() for row in validation(group)])
     swept = pd.DataFrame(crossover_sweep(settings))
     for name, frame in (("predictions", predicted), ("validation", checked), ("crossover", swept)):

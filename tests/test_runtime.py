@@ -11,12 +11,14 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
 from cqil.cli import main
-from cqil.latency import LatencySettings, check_failure, table
+from cqil.latency import SLOWDOWN, LatencySettings, check_failure, table
 from cqil.plan import Plan, Setup
 from cqil.runtime import EngineError, Ranks, bind, launch, pin
 from cqil.runtime.cqil import shard
@@ -108,6 +110,39 @@ def test_pruned_model_runs_on_one_rank_beside_the_original(tiny_dirs, tmp_path):
     assert all(len(r["baseline_samples_ms"]) == 2 for r in result["records"])  # the original, timed in the same run
     frame = table([{"path": "x", **result}])
     assert set(frame.setup) == {"pruned drop-2-5-6"} and (frame.ideal == 3 / 8).all()
+
+
+def test_a_busy_machine_marks_the_result_contended_and_the_table_leaves_it_out(tiny_dirs, tmp_path, capsys):
+    """Other work on the job's cores (one busy loop per core) is seen in /proc/stat and flags the result."""
+    if not Path("/proc/stat").exists():
+        pytest.skip("no /proc/stat: the load is unknown here")
+    timed = SETTINGS | {"prompt_lengths": [64], "new_tokens": 8, "repeats": 12}
+    (tmp_path / "quiet").mkdir()
+    quiet = run_latency(tmp_path / "quiet", tiny_dirs["llama"], "--engine", "original", settings=timed)
+    loops = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in os.sched_getaffinity(0)]
+    try:
+        time.sleep(0.5)  # the loops are running
+        busy = run_latency(tmp_path, tiny_dirs["llama"], "--engine", "pruned", "--plan", "drop-2", settings=timed)
+    finally:
+        for loop in loops:
+            loop.kill()
+    assert busy["load"]["contended"] and busy["load"]["share"] > 0.3
+    assert busy["load"]["share"] > quiet["load"]["share"] and busy["load"]["limit"] == 0.1
+    assert "cqil: warning: contended: other processes took" in capsys.readouterr().out
+    main(
+        ["latency-table", str(tmp_path / "quiet" / "latency.json"), str(tmp_path / "latency.json")]
+        + ["--out", str(tmp_path / "latency.csv")]
+    )
+    assert "left out, measured on a busy machine" in capsys.readouterr().out
+    assert set(pd.read_csv(tmp_path / "latency.csv").engine) == {"original"}
+
+
+def test_the_slowdown_hook_slows_the_engine_and_not_its_baseline(tiny_dirs, tmp_path, monkeypatch):
+    monkeypatch.setenv(SLOWDOWN, "1.0")  # every forward of the engine takes twice as long
+    result = run_latency(tmp_path, tiny_dirs["llama"], "--engine", "pruned", "--plan", "drop-2")
+    assert result["slowdown"] == 1.0
+    for record in result["records"]:  # 7 of 8 layers, twice as long, against the same run's original
+        assert record["median_ms"] > 1.3 * record["baseline_median_ms"]
 
 
 def test_original_records_threads_and_parts(tiny_dirs, tmp_path):

@@ -45,6 +45,14 @@ class Ranks:
         dist.broadcast(shared, src=0)
         return bool(shared.item())
 
+    def total(self, value: float) -> float:
+        """The sum of `value` over the ranks, on every rank."""
+        if self.world == 1:
+            return value
+        summed = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(summed)
+        return float(summed.item())
+
     def close(self) -> None:
         """Leave the process group together: a rank that exits while another still talks can abort it."""
         if self.world > 1 and dist.is_initialized():
