@@ -67,10 +67,12 @@ OPTIONS = {
     "modes": dict(nargs="+", choices=["eager", "graphs"]),
     "warmup": dict(type=int),
     "repeats": dict(type=int),
-    "action": dict(choices=["record", "compare", "trends"]),
+    "action": dict(choices=["record", "compare", "dashboard", "trends"]),
     "history": dict(help="the history of runs: append-only JSON lines, one record per run (default: %(default)s)"),
     "baseline": dict(help="compare: also against the newest earlier record with this label or git sha"),
     "fail_on_regression": dict(action="store_true", help="compare: exit 1 when a metric regressed"),
+    "confirm": dict(action="store_true", help="compare: time a regressed latency's setup again; only a repeat counts"),
+    "any_record": dict(action="store_true", help="compare, dashboard: also records of another config or machine"),
     "config": dict(help="record: the run's config as JSON (its hash is recorded)"),
 }
 POSITIONAL = ("inputs", "action")

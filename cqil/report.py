@@ -455,22 +455,6 @@ def write_table(frame: pd.DataFrame, path, written: pd.DataFrame | None = None) 
         tmp.write_text(written.to_latex(index=False, float_format="%.3g", na_rep="--"))
 
 
-def trend_figures(frame: pd.DataFrame, out) -> list[str]:
-    """One figure per metric kind: every metric of that kind across the history's records."""
-    names = []
-    for kind, part in frame.groupby("kind", sort=True):
-        fig, ax = plt.subplots(figsize=(7, 3.6))
-        for metric, line in part.groupby("metric", sort=True):
-            ax.plot(line.record, line.value, marker="o", label=metric)
-        ax.set(xlabel="record (oldest first)", ylabel=kind, title=f"{kind} over the history")
-        ax.set_xticks(sorted(part.record.unique()))
-        if part.metric.nunique() <= 12:
-            ax.legend(fontsize=6)
-        save_figure(fig, Path(out) / f"trend_{kind}")
-        names.append(f"trend_{kind}")
-    return names
-
-
 # --- Stages -------------------------------------------------------------------------------------------
 
 

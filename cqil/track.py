@@ -1,103 +1,144 @@
 """Benchmark tracking: one record per pipeline run in an append-only history, compared run to run.
 
     cqil track record --run-dir results/default --logs logs/default --history results/history.jsonl
-    cqil track compare --history results/history.jsonl --baseline v0.1 --fail-on-regression
+    cqil track compare --history results/history.jsonl --baseline v0.1 --fail-on-regression --confirm
+    cqil track dashboard --history results/history.jsonl --out results/dashboard.html
 
 A record holds where it came from (git sha and dirty flag, date, machine, config name and hash, the
-version of every installed package) and the run's key metrics, flattened to `name -> value`: per-plan perplexity, KL
-and top-1 agreement, task accuracies, measured latency reductions, search throughput and each stage's
-wall time (Snakemake's benchmark files). Each metric's kind (the name's last part) decides whether
-lower or higher is better and how much change is noise (`Threshold`, set in config). The history is
-only ever appended to; a corrupt line is reported and skipped, never fatal.
+version of every installed package) and the run's key metrics, flattened to `name -> value`: per-plan
+perplexity, KL and top-1 agreement, task accuracies, measured latencies and reductions, search throughput
+and each stage's wall time (Snakemake's benchmark files). Beside the values it keeps what they rest on:
+every timed repeat of a latency (`samples`), the bootstrap interval of a quality number (`intervals`), and
+which latencies were measured on a busy machine (`contended`, cqil/contention.py).
+
+`compare` gives each metric a verdict from those (cqil/verdict.py): regressed, improved, unchanged or
+inconclusive, with the metric kind's minimum effect (the name's last part; `Rule`, set in config) and, once
+the history holds a few records of the same config on the same machine, their spread. By default it compares
+only records of the same config hash and machine fingerprint. The history is only ever appended to; a
+corrupt line is reported and skipped, never fatal.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
+import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
+from .contention import contended
+from .dashboard import page
 from .environment import canonical, changes, installed
 from .errors import CqilError
 from .io import atomic, git_sha, machine, settings_hash, write_csv, write_json
-from .report import trend_figures
+from .latency import result_setup, table
+from .verdict import Measurement, Rule, verdict
 
-
-@dataclass(frozen=True)
-class Threshold:
-    direction: str  # lower | higher: which way is better
-    tolerance: float  # change in the bad direction that is still noise ...
-    relative: bool = True  # ... as a fraction of the old value, or in the metric's own units
-
-
-DEFAULT_THRESHOLDS = {
-    "perplexity": Threshold("lower", 0.05),
-    "kl": Threshold("lower", 0.10),
-    "top1": Threshold("higher", 0.02, False),
-    "acc": Threshold("higher", 2.0, False),  # accuracy in points (quality.csv); issue 17 replaces these by tests
-    "acc_norm": Threshold("higher", 2.0, False),
-    "word_perplexity": Threshold("lower", 0.05),
-    "reduction": Threshold("higher", 0.05, False),
-    "plans_per_minute": Threshold("higher", 0.20),
-    "seconds": Threshold("lower", 0.50),
+DEFAULT_RULES = {  # metric kind -> which way is better, and the smallest change worth a verdict
+    "perplexity": Rule("lower", 0.05),
+    "kl": Rule("lower", 0.10),
+    "top1": Rule("higher", 0.02, False),
+    "acc": Rule("higher", 2.0, False),  # accuracy in points (quality.csv)
+    "acc_norm": Rule("higher", 2.0, False),
+    "word_perplexity": Rule("lower", 0.05),
+    "ms": Rule("lower", 0.05),  # a latency's median
+    "reduction": Rule("higher", 0.05, False),
+    "plans_per_minute": Rule("higher", 0.20),
+    "seconds": Rule("lower", 0.50),  # a stage's wall time, measured once per run
 }
+FINGERPRINT = ("cpu", "cores", "gpu", "gpus")  # what makes two machines the same machine for timings
 
 
 @dataclass(frozen=True)
 class TrackSettings:
     label: str | None = None  # a name for this run's record, to compare against later (a baseline)
-    thresholds: dict = field(default_factory=dict)  # metric kind -> {direction, tolerance, relative}
+    min_effects: dict = field(default_factory=dict)  # metric kind -> {direction, min_effect, relative}
+    level: float = 0.95  # a change is significant when its test's p-value is below 1 - level
+    window: int = 10  # the history's spread of a metric: over this many earlier comparable records (3 at least)
 
     def __post_init__(self):
-        allowed = ", ".join(f.name for f in fields(Threshold))
-        for kind, given in self.thresholds.items():
+        allowed = ", ".join(f.name for f in fields(Rule))
+        for kind, given in self.min_effects.items():
             try:
-                threshold = Threshold(**given)
+                rule = Rule(**given)
             except TypeError:
-                raise CqilError(f"track.thresholds.{kind}: {given!r} needs the keys {allowed}") from None
-            if threshold.direction not in ("lower", "higher"):
-                raise CqilError(
-                    f"track.thresholds.{kind}.direction: {threshold.direction!r} is not one of lower, higher"
-                )
+                raise CqilError(f"track.min_effects.{kind}: {given!r} needs the keys {allowed}") from None
+            if rule.direction not in ("lower", "higher"):
+                raise CqilError(f"track.min_effects.{kind}.direction: {rule.direction!r} is not one of lower, higher")
+        if not 0 < self.level < 1:
+            raise CqilError(f"track.level: {self.level} must lie between 0 and 1")
 
-    def threshold(self, kind: str) -> Threshold | None:
-        given = self.thresholds.get(kind)
-        return Threshold(**given) if given else DEFAULT_THRESHOLDS.get(kind)
+    def rule(self, kind: str) -> Rule | None:
+        given = self.min_effects.get(kind)
+        return Rule(**given) if given else DEFAULT_RULES.get(kind)
 
 
 # --- One record from a run's artifacts -------------------------------------------------------------
 
 
-def metrics(run_dir: Path, logs: Path) -> dict[str, float]:
-    """The key numbers of one run, `model/what/.../kind -> value`."""
-    found = {}
+def latency_measurements(model: str, results: list[dict]) -> tuple[dict[str, Measurement], set[str]]:
+    """Each latency's median and repeats (`.../ms`) and its reduction against the 1-thread original, with one
+    sample per repeat: against the same repeat's interleaved baseline, else against the original's median.
+    Also the names that rest on a result measured on a busy machine (their own, or the original's)."""
+    found, busy, frame = {}, set(), table(results)  # table's rows follow the results' records in order
+    pairs = [(result, record) for result in results for record in result["records"]]
+    own = {
+        (r["phase"], r["tokens"], r["batch_size"]): (np.median(r["samples_ms"]), contended(result))
+        for result, r in pairs
+        if result["engine"] == "original" and r["threads"] == 1
+    }
+    for (result, record), row in zip(pairs, frame.itertuples()):
+        name = f"{model}/latency/{row.setup}/{row.phase}-{row.tokens}"
+        samples = np.asarray(record["samples_ms"])
+        found[f"{name}/ms"] = Measurement(float(row.median_ms), tuple(samples.tolist()))
+        if (result["engine"] == "original" and record["threads"] == 1) or row.reduction != row.reduction:
+            continue  # the baseline itself, or no baseline (NaN)
+        paired = np.asarray(record.get("baseline_samples_ms", []))
+        base, busy_base = (
+            (paired, False) if len(paired) == len(samples) else own[(row.phase, row.tokens, row.batch_size)]
+        )
+        found[f"{name}/reduction"] = Measurement(float(row.reduction), tuple((1 - samples / base).tolist()))
+        busy |= {f"{name}/reduction"} if busy_base else set()
+        busy |= {f"{name}/ms", f"{name}/reduction"} if contended(result) else set()
+    return found, busy
+
+
+def measurements(run_dir: Path, logs: Path) -> tuple[dict[str, Measurement], list[str]]:
+    """The key numbers of one run, `model/what/.../kind -> Measurement`, and those measured on a busy machine."""
+    found, busy = {}, set()
     for model_dir in sorted(p for p in Path(run_dir).iterdir() if (p / "model.json").exists()):
         model = model_dir.name
         if (path := model_dir / "quality.csv").exists():
             for row in pd.read_csv(path).itertuples():
-                if row.metric in DEFAULT_THRESHOLDS:
-                    found[f"{model}/{row.plan}/{row.stage}/{row.task}/{row.metric}"] = float(row.value)
-        if (path := model_dir / "latency.csv").exists():
-            for row in pd.read_csv(path).itertuples():
-                if row.reduction == row.reduction and not (
-                    row.engine == "original" and row.threads == 1
-                ):  # the baseline
-                    found[f"{model}/latency/{row.setup}/{row.phase}-{row.tokens}/reduction"] = float(row.reduction)
+                if row.metric in DEFAULT_RULES:
+                    interval = (float(row.low), float(row.high)) if row.low == row.low else None  # NaN: exact
+                    found[f"{model}/{row.plan}/{row.stage}/{row.task}/{row.metric}"] = Measurement(
+                        float(row.value), interval=interval
+                    )
+        results = [json.loads(path.read_text()) for path in sorted((model_dir / "latency").glob("*.json"))]
+        if any(r["engine"] == "original" for r in results):
+            timed, slow = latency_measurements(model, results)
+            found, busy = found | timed, busy | slow
         if (path := model_dir / "search.json").exists():
-            found[f"{model}/search/plans_per_minute"] = float(json.loads(path.read_text())["plans_per_minute"])
+            found[f"{model}/search/plans_per_minute"] = Measurement(
+                float(json.loads(path.read_text())["plans_per_minute"])
+            )
     for path in sorted(Path(logs).glob("**/*.benchmark.tsv")):
         stage = path.relative_to(logs).with_suffix("").with_suffix("")  # <rule>/<model>[/<plan>]
-        found[f"stage/{stage}/seconds"] = float(pd.read_csv(path, sep="\t")["s"].iloc[-1])
-    return found
+        found[f"stage/{stage}/seconds"] = Measurement(float(pd.read_csv(path, sep="\t")["s"].iloc[-1]))
+    return found, sorted(busy)
 
 
 def record(run_dir, logs, config: dict, config_name: str, label: str | None = None) -> dict:
     sha = git_sha()
+    found, busy = measurements(Path(run_dir), Path(logs))
     return {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "label": label,
@@ -106,9 +147,23 @@ def record(run_dir, logs, config: dict, config_name: str, label: str | None = No
         "machine": machine(),
         "config": config_name,
         "config_hash": settings_hash(config),
+        "run_dir": str(run_dir),
         "packages": installed(),
-        "metrics": metrics(Path(run_dir), Path(logs)),
+        "metrics": {name: m.value for name, m in found.items()},
+        "samples": {name: list(m.samples) for name, m in found.items() if m.samples},
+        "intervals": {name: list(m.interval) for name, m in found.items() if m.interval},
+        "contended": busy,
     }
+
+
+def measurement(entry: dict, name: str) -> Measurement | None:
+    """A record's metric with what it rests on (records from before samples were kept have the value alone)."""
+    if name not in entry["metrics"]:
+        return None
+    interval = entry.get("intervals", {}).get(name)
+    return Measurement(
+        entry["metrics"][name], tuple(entry.get("samples", {}).get(name, ())), interval and tuple(interval)
+    )
 
 
 # --- The history: append only ----------------------------------------------------------------------
@@ -161,47 +216,141 @@ def package_changes(new: dict, old: dict) -> list[str]:
     return changes(stored(old), stored(new), both_complete="packages" in new and "packages" in old)
 
 
-def compare(new: dict, old: dict, settings: TrackSettings) -> pd.DataFrame:
-    """A row per metric: old, new, change; `regression` where it moved the bad way by more than the threshold.
+def fingerprint(entry: dict) -> dict:
+    return {key: (entry.get("machine") or {}).get(key) for key in FINGERPRINT}
 
-    Beside each metric that moved (regression or improvement), `packages` names the package versions that
+
+def differences(new: dict, old: dict) -> list[str]:
+    """What makes two records not comparable: another config, another machine."""
+    found = []
+    if new.get("config_hash") != old.get("config_hash"):
+        found.append(
+            f"config {old.get('config')} {str(old.get('config_hash'))[:8]} -> {new.get('config')} "
+            f"{str(new.get('config_hash'))[:8]}"
+        )
+    if fingerprint(new) != fingerprint(old):
+        before, after = fingerprint(old), fingerprint(new)
+        found += [f"machine {key} {before[key]} -> {after[key]}" for key in FINGERPRINT if before[key] != after[key]]
+    return found
+
+
+def comparable(records: list[dict], new: dict) -> list[dict]:
+    """The records of the same config hash and machine fingerprint as `new`, oldest first."""
+    return [r for r in records if not differences(new, r)]
+
+
+def spread(records: list[dict], name: str, window: int) -> float | None:
+    """The standard deviation of a metric over the last `window` records (None below 3 of them)."""
+    values = [
+        r["metrics"][name] for r in records[-window:] if name in r["metrics"] and name not in r.get("contended", ())
+    ]
+    return float(np.std(values, ddof=1)) if len(values) >= 3 else None
+
+
+def compare(new: dict, old: dict, settings: TrackSettings, history: list[dict] = ()) -> pd.DataFrame:
+    """A row per metric: old, new, the change and its verdict (cqil/verdict.py). `history`: earlier records
+    comparable to `new`, whose spread can raise a metric's minimum effect. A latency measured on a busy machine
+    in either record is `contended`, not judged.
+
+    Beside each metric that moved (regressed or improved), `packages` names the package versions that
     differ between the two records: a library release is often the reason.
     """
     drifted = package_changes(new, old)
     shown = "; ".join(drifted[:3] + ([f"and {len(drifted) - 3} more"] if len(drifted) > 3 else [])) or None
+    busy = set(new.get("contended", ())) | set(old.get("contended", ()))
     rows = []
     for name in sorted(set(new["metrics"]) | set(old["metrics"])):
-        before, after = old["metrics"].get(name), new["metrics"].get(name)
-        limit = settings.threshold(name.rsplit("/", 1)[-1])
-        status = (
-            "new"
-            if before is None
-            else "missing"
-            if after is None
-            else "untracked"
-            if limit is None
-            else judge(before, after, limit)
-        )
+        before, after = measurement(old, name), measurement(new, name)
+        rule = settings.rule(name.rsplit("/", 1)[-1])
+        judged = None
+        if before is None or after is None or rule is None or name in busy:
+            status = (
+                "new"
+                if before is None
+                else "missing"
+                if after is None
+                else "untracked"
+                if rule is None
+                else "contended"
+            )
+        else:
+            judged = verdict(before, after, rule, settings.level, spread(list(history), name, settings.window))
+            status = judged.status
         rows.append(
             {
                 "metric": name,
-                "old": before,
-                "new": after,
-                "change": None if before is None or after is None else after - before,
-                "better": limit.direction if limit else None,
+                "old": before and before.value,
+                "new": after and after.value,
+                "change": judged and judged.change,
+                "min_effect": judged and judged.min_effect,
+                "p": judged and judged.p,
+                "noise": judged and judged.noise,
+                "better": rule and rule.direction,
                 "status": status,
-                "packages": shown if status in ("regression", "improvement") else None,
+                "packages": shown if status in ("regressed", "improved") else None,
             }
         )
-    return pd.DataFrame(rows, columns=["metric", "old", "new", "change", "better", "status", "packages"])
+    columns = ["metric", "old", "new", "change", "min_effect", "p", "noise", "better", "status", "packages"]
+    return pd.DataFrame(rows, columns=columns)
 
 
-def judge(before: float, after: float, limit: Threshold) -> str:
-    worse = (after - before) if limit.direction == "lower" else (before - after)  # > 0: moved the bad way
-    allowed = limit.tolerance * (abs(before) if limit.relative else 1)
-    if worse > allowed:
-        return "regression"
-    return "improvement" if -worse > allowed else "ok"
+# --- Confirming a latency regression ----------------------------------------------------------------
+
+
+def latency_files(entry: dict, names: list[str]) -> dict[str, Path]:
+    """The `cqil latency` result behind each latency metric in `names` (from the record's run folder)."""
+    found = {}
+    for path in sorted(Path(entry.get("run_dir") or f"results/{entry['config']}").glob("*/latency/*.json")):
+        result = json.loads(path.read_text())
+        setups = {str(result_setup(result, record["threads"])) for record in result["records"]}
+        for name in names:
+            if name.split("/")[0] == path.parent.parent.name and name.split("/")[2] in setups:
+                found[name] = path
+    return found
+
+
+def remeasure_command(path: Path, out: Path) -> list[str]:
+    """The `cqil latency` command that measures the result in `path` again, with its own settings, into `out`."""
+    result = json.loads(Path(path).read_text())
+    given = result["provenance"]["settings"]
+    command = ["cqil", "latency", "--settings", json.dumps(given["settings"]), "--model", given["model"]]
+    command += ["--engine", given["engine"], "--dtype", given["dtype"], "--device", given["device"], "--out", str(out)]
+    command += ["--plan", result["plan"]] if result["plan"] else []
+    return command + (["--degree", str(given["degree"])] if given.get("degree") else [])
+
+
+def confirmed_regressions(new: dict, old: dict, names: list[str], settings: TrackSettings, history) -> list[str]:
+    """The latency regressions among `names` that a second measurement repeats: each affected setup is timed
+    once more (the command is printed, to run by hand too) and judged again against `old`."""
+    files = latency_files(new, names)
+    confirmed = []
+    with tempfile.TemporaryDirectory() as scratch:
+        again = {}
+        for path in sorted(set(files.values())):
+            command = remeasure_command(path, Path(scratch) / path.name)
+            print(f"confirm: {shlex.join(command)}", flush=True)
+            subprocess.run(command, check=True, env=os.environ)
+            again[path] = Path(scratch) / path.name
+        for name in names:
+            if name not in files:
+                print(f"confirm: {name}: no latency result to measure again; it counts")
+                confirmed.append(name)
+                continue
+            model_dir = files[name].parent
+            results = [json.loads(again.get(p, p).read_text()) for p in sorted(model_dir.glob("*.json"))]
+            remeasured, busy = latency_measurements(name.split("/")[0], results)
+            repeat = {
+                **new,
+                "metrics": {name: remeasured[name].value},
+                "samples": {name: list(remeasured[name].samples)},
+                "intervals": {},
+                "contended": sorted(busy),
+            }
+            status = compare(repeat, old, settings, history).set_index("metric").loc[name, "status"]
+            print(f"confirm: {name}: {status} when measured again")
+            if status == "regressed":
+                confirmed.append(name)
+    return confirmed
 
 
 # --- Trends and dashboards -------------------------------------------------------------------------
@@ -212,32 +361,20 @@ def benchmark_json(entry: dict, settings: TrackSettings) -> dict[str, list[dict]
     out = {"customSmallerIsBetter": [], "customBiggerIsBetter": []}
     for name, value in sorted(entry["metrics"].items()):
         kind = name.rsplit("/", 1)[-1]
-        limit = settings.threshold(kind)
-        if limit:
-            tool = "customSmallerIsBetter" if limit.direction == "lower" else "customBiggerIsBetter"
+        rule = settings.rule(kind)
+        if rule and name not in entry.get("contended", ()):
+            tool = "customSmallerIsBetter" if rule.direction == "lower" else "customBiggerIsBetter"
             out[tool].append({"name": name, "unit": kind, "value": value, "extra": f"git {entry['git']}"})
     return out
 
 
-def trends(records: list[dict]) -> pd.DataFrame:
-    """Long table of every metric of every record: record index, date, git, metric, kind, value."""
-    return pd.DataFrame(
-        [
-            {
-                "record": i,
-                "date": r["date"],
-                "git": r["git"][:8],
-                "metric": name,
-                "kind": name.rsplit("/", 1)[-1],
-                "value": value,
-            }
-            for i, r in enumerate(records)
-            for name, value in r["metrics"].items()
-        ]
-    )
-
-
 # --- The stage ------------------------------------------------------------------------------------
+
+
+def pick(records: list[dict], any_record: bool) -> tuple[list[dict], int]:
+    """The records the newest one is compared with (all, or those comparable to it) and how many were left out."""
+    pool = records[:-1] if any_record else comparable(records[:-1], records[-1])
+    return pool, len(records) - 1 - len(pool)
 
 
 def run_track(
@@ -252,11 +389,14 @@ def run_track(
     out=None,
     baseline=None,
     fail_on_regression: bool = False,
+    confirm: bool = False,
+    any_record: bool = False,
     out_dir=None,
 ) -> int:
     """The stage: `record` this run in the history; and the commands `compare` (the newest record against the
-    previous one and a baseline) and `trends` (figures, github-action-benchmark files). Returns the exit status,
-    1 when `fail_on_regression` and a metric regressed."""
+    previous comparable one and a baseline), `dashboard` (one HTML page of the history) and `trends`
+    (github-action-benchmark files). Returns the exit status, 1 when `fail_on_regression` and a metric regressed
+    (with `confirm`: and a second measurement of a regressed latency repeats it)."""
     if action == "record":
         if not (run_dir and logs and Path(run_dir).is_dir()):
             raise CqilError(f"track record: --run-dir {run_dir!r} and --logs {logs!r} must name a run's folders")
@@ -264,20 +404,34 @@ def run_track(
         append(history, entry)
         if out:
             write_json(out, entry)
-        print(f"{history}: appended a record with {len(entry['metrics'])} metrics")
+        busy = f", {len(entry['contended'])} measured on a busy machine" if entry["contended"] else ""
+        print(f"{history}: appended a record with {len(entry['metrics'])} metrics{busy}")
         return 0
     records, problems = load(history)
     for problem in problems:
         print(f"cqil: warning: {problem}", file=sys.stderr)
     if not records:
         raise CqilError(f"--history {history}: no readable record")
+    pool, skipped = pick(records, any_record)
     if action == "trends":
         for tool, entries in benchmark_json(records[-1], settings).items():  # github-action-benchmark
             with atomic(Path(out_dir) / f"{tool}.json") as tmp:
                 tmp.write_text(json.dumps(entries, indent=1) + "\n")
-        trend_figures(trends(records), out_dir)
         return 0
-    against = [("previous", records[-2] if len(records) > 1 else None)]
+    if action == "dashboard":
+        shown = [*pool, records[-1]]
+        rules = {name: rule for name in records[-1]["metrics"] if (rule := settings.rule(name.rsplit("/", 1)[-1]))}
+        text, charts = page(shown, rules)
+        out = Path(out or "results/dashboard.html")
+        with atomic(out) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+        left = f"; {skipped} records of another config or machine left out (--any-record shows them)" if skipped else ""
+        print(f"{out}: {charts} charts over {len(shown)} records{left}")
+        return 0
+    newest = records[-1]
+    if skipped:
+        print(f"{skipped} earlier records of another config or machine are not compared (--any-record compares them)")
+    against = [("previous", pool[-1] if pool else None)]
     if baseline:
         against.append((f"baseline {baseline}", find(records[:-1], baseline)))
         if against[-1][1] is None:
@@ -285,19 +439,27 @@ def run_track(
     regressions = 0
     for name, old in against:
         if old is None:
-            print(f"{name}: none (the history has one record)")
+            print(f"{name}: none (no earlier comparable record)")
             continue
-        table = compare(records[-1], old, settings)
-        changed = table[table.status.isin(["regression", "improvement", "new", "missing"])]
+        earlier = comparable(records[: records.index(old) + 1], newest)  # the history's spread: up to `old`
+        table = compare(newest, old, settings, earlier)
+        changed = table[~table.status.isin(["unchanged", "untracked"])]
         counts = ", ".join(f"{count} {status}" for status, count in table.status.value_counts().items())
         print(f"\n{name} (git {old['git'][:8]}, {old['date']}): {counts}")
-        drifted = package_changes(records[-1], old)
+        for difference in differences(newest, old):
+            print(f"not comparable: {difference}")
+        drifted = package_changes(newest, old)
         print(f"packages changed: {', '.join(drifted)}" if drifted else "packages: the same versions")
-        print(changed.to_markdown(index=False, floatfmt=".4g") if len(changed) else "no change beyond the thresholds")
+        print(changed.to_markdown(index=False, floatfmt=".4g") if len(changed) else "every metric unchanged")
         if out:
             write_csv(Path(out).with_name(f"{Path(out).stem}-{name.split()[0]}.csv"), table)
-        regressions += int((table.status == "regression").sum())
+        regressed = list(table.metric[table.status == "regressed"])
+        latency = [metric for metric in regressed if "/latency/" in metric]
+        if confirm and latency:
+            kept = confirmed_regressions(newest, old, latency, settings, earlier)
+            regressed = [metric for metric in regressed if metric not in latency or metric in kept]
+        regressions += len(regressed)
     if regressions and fail_on_regression:
-        print(f"cqil: {regressions} regression(s) beyond the thresholds", file=sys.stderr)
+        print(f"cqil: {regressions} metric(s) regressed", file=sys.stderr)
         return 1
     return 0

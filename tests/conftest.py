@@ -1,5 +1,6 @@
-"""Tiny random models built in memory (no downloads), the path to the shared evaluation data, and a copy of
-the checkout for the tests that run the DAG (they write there, so the checkout stays as it was)."""
+"""Tiny random models built in memory (no downloads), the path to the shared evaluation data, a copy of
+the checkout for the tests that run the DAG (they write there, so the checkout stays as it was), and a
+headless browser that renders a page."""
 
 import os
 import shutil
@@ -96,3 +97,20 @@ def tiny_dir(tmp_path):
     model.save_pretrained(tmp_path / "tiny")
     tiny_tokenizer().save_pretrained(tmp_path / "tiny")
     return tmp_path / "tiny"
+
+
+def rendered(html: Path, png: Path) -> str:
+    """Headless Chromium (Debian's `chromium`) renders the page to a screenshot that is not blank; returns the
+    page's DOM as the browser built it."""
+    import matplotlib.image
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("no chromium: install Debian's `chromium` to check that the page renders")
+    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000"]
+    shot = [f"--screenshot={png}", "--window-size=1280,2000", html.as_uri()]
+    subprocess.run([*flags, *shot], check=True, capture_output=True, timeout=120)
+    pixels = matplotlib.image.imread(png)
+    assert pixels.shape[:2] == (2000, 1280) and pixels.std() > 0.05  # text and figures, not an empty page
+    dom = subprocess.run([*flags, "--dump-dom", html.as_uri()], check=True, capture_output=True, text=True, timeout=120)
+    return dom.stdout

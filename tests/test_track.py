@@ -1,11 +1,26 @@
-"""Benchmark tracking on synthetic histories: direction-aware thresholds, corrupt lines, the CI gate."""
+"""Benchmark tracking on synthetic histories with planted answers: verdicts from samples and intervals, the
+machine's noise, change points, comparable records, contended runs, the CI gate and the dashboard."""
 
 import json
 
+import numpy as np
+import pandas as pd
 import pytest
+from conftest import rendered
 
 from cqil.cli import main
-from cqil.track import TrackSettings, append, benchmark_json, compare, find, load, package_changes
+from cqil.track import (
+    TrackSettings,
+    append,
+    benchmark_json,
+    compare,
+    find,
+    load,
+    package_changes,
+    record,
+    remeasure_command,
+)
+from cqil.verdict import Measurement, Rule, change_points, verdict
 
 BASE = {
     "m/S16-E28-P2-D0/zeroshot/heldout/kl": 0.40,
@@ -14,28 +29,52 @@ BASE = {
     "stage/search/m/seconds": 100.0,
     "m/unknown_kind": 1.0,
 }
+MACHINE = {"cpu": "AMD EPYC", "cores": 2, "gpu": None, "gpus": None}
+# The machine's spread: within one run, the CQIL P2 prefill repeats of the committed default run vary by 2.2%
+# (SmolLM2) and 3.6% (llama-135m) of their mean (results/default/*/latency/cqil-S12-E28-P2-D0.json).
+SPREAD = 0.03
+LATENCY = "m/latency/cqil S12-E28-P2-D0/prefill-512/ms"
 
 
-def entry(git, label=None, **changes):
+def entry(git, label=None, machine=MACHINE, config_hash="c0", **changes):
     metrics = {**BASE, **{name.replace("__", "/"): value for name, value in changes.items()}}
-    return {"date": "2026-11-23T00:00:00+00:00", "git": git, "label": label, "dirty": False, "metrics": metrics}
+    return {
+        "date": "2026-11-23T00:00:00+00:00",
+        "git": git,
+        "label": label,
+        "dirty": False,
+        "machine": machine,
+        "config": "default",
+        "config_hash": config_hash,
+        "metrics": metrics,
+    }
 
 
-def statuses(new, old, settings=None):
+def timed(git, median_ms, rng, repeats=5, spread=SPREAD, **kwargs):
+    """A record with one latency: `repeats` samples around `median_ms` (log-normal, `spread` of the mean)."""
+    samples = median_ms * rng.lognormal(0, spread, repeats)
+    base = entry(git, **kwargs)
+    return base | {
+        "metrics": base["metrics"] | {LATENCY: float(np.median(samples))},
+        "samples": {LATENCY: list(samples)},
+    }
+
+
+def statuses(new, old, settings=None, history=()):
     settings = settings or TrackSettings()
-    return dict(zip(*compare(new, old, settings)[["metric", "status"]].T.to_numpy()))
+    return dict(zip(*compare(new, old, settings, history)[["metric", "status"]].T.to_numpy()))
 
 
-def test_direction_aware_thresholds():
+def test_exact_metrics_use_direction_aware_minimum_effects():
     old = entry("a" * 40)
     noisy = entry(
         "b" * 40,
         **{
             "m__S16-E28-P2-D0__zeroshot__heldout__kl": 0.42,  # +5% KL: within 10%
-            "stage__search__m__seconds": 140.0,
+            "stage__search__m__seconds": 140.0,  # +40% time: within 50%
         },
-    )  # +40% time: within 50%
-    assert set(statuses(noisy, old).values()) <= {"ok", "untracked"}
+    )
+    assert set(statuses(noisy, old).values()) <= {"unchanged", "untracked"}
     worse = entry(
         "c" * 40,
         **{
@@ -45,17 +84,107 @@ def test_direction_aware_thresholds():
         },
     )
     found = statuses(worse, old)
-    assert [name for name, status in found.items() if status == "regression"] == [
+    assert [name for name, status in found.items() if status == "regressed"] == [
         "m/S16-E28-P2-D0/zeroshot/heldout/kl",
         "m/S16-E28-P2-D0/zeroshot/heldout/top1",
         "m/latency/cqil S12-E28-P2-D0/prefill-512/reduction",
     ]
     better = entry("d" * 40, **{"m__S16-E28-P2-D0__zeroshot__heldout__kl": 0.30})
-    assert statuses(better, old)["m/S16-E28-P2-D0/zeroshot/heldout/kl"] == "improvement"
+    assert statuses(better, old)["m/S16-E28-P2-D0/zeroshot/heldout/kl"] == "improved"
     assert statuses(old, old)["m/unknown_kind"] == "untracked"
-    # thresholds come from config: a tighter one turns the noise above into a regression
-    tight = TrackSettings(thresholds={"kl": {"direction": "lower", "tolerance": 0.01}})
-    assert statuses(noisy, old, tight)["m/S16-E28-P2-D0/zeroshot/heldout/kl"] == "regression"
+    # minimum effects come from config: a smaller one turns the noise above into a regression
+    tight = TrackSettings(min_effects={"kl": {"direction": "lower", "min_effect": 0.01}})
+    assert statuses(noisy, old, tight)["m/S16-E28-P2-D0/zeroshot/heldout/kl"] == "regressed"
+
+
+def test_pure_noise_at_the_machines_spread_is_no_regression_in_95_percent_of_trials():
+    rng = np.random.default_rng(0)
+    calls = [statuses(timed("b" * 40, 1000, rng), timed("a" * 40, 1000, rng))[LATENCY] for _ in range(400)]
+    assert calls.count("regressed") / len(calls) <= 0.05
+    assert set(calls) <= {"unchanged", "inconclusive", "regressed", "improved"}
+
+
+def test_a_planted_10_percent_latency_regression_with_5_repeats_is_caught_in_95_percent_of_trials():
+    rng = np.random.default_rng(1)
+    calls = [statuses(timed("b" * 40, 1100, rng), timed("a" * 40, 1000, rng))[LATENCY] for _ in range(400)]
+    assert calls.count("regressed") / len(calls) >= 0.95
+    # the same step at twice the spread is mostly too noisy to call with 5 repeats: inconclusive, not unchanged
+    calls = [
+        statuses(timed("b" * 40, 1100, rng, spread=0.06), timed("a" * 40, 1000, rng, spread=0.06))[LATENCY]
+        for _ in range(200)
+    ]
+    assert calls.count("inconclusive") > calls.count("unchanged")
+
+
+def test_one_slow_repeat_cannot_decide_a_rank_test():
+    old = Measurement(1000.0, (990.0, 1000.0, 1010.0, 1005.0, 995.0))
+    new = Measurement(1002.0, (991.0, 1002.0, 1011.0, 1006.0, 3000.0))  # one repeat hit by a cron job
+    assert verdict(old, new, Rule("lower", 0.05)).status == "unchanged"  # the median barely moved
+    skewed = Measurement(1060.0, (991.0, 1002.0, 1060.0, 3000.0, 3000.0))
+    assert verdict(old, skewed, Rule("lower", 0.05)).status == "inconclusive"  # beyond 5%, not significant
+
+
+def test_quality_numbers_are_judged_by_their_intervals():
+    rule = Rule("higher", 2.0, False)
+    wide_old, wide_new = Measurement(45.6, interval=(41.2, 50.4)), Measurement(42.0, interval=(37.6, 46.4))
+    called = verdict(wide_old, wide_new, rule)  # 3.6 points down on 500 questions: within the noise
+    assert called.status == "inconclusive" and called.noise == "interval" and 0.2 < called.p < 0.5
+    narrow_old, narrow_new = Measurement(45.6, interval=(45.1, 46.1)), Measurement(42.0, interval=(41.5, 42.5))
+    assert verdict(narrow_old, narrow_new, rule).status == "regressed"
+
+
+def test_the_history_spread_raises_the_minimum_effect():
+    old, new = entry("a" * 40), entry("e" * 40, **{"stage__search__m__seconds": 170.0})  # +70%: beyond 50%
+    assert statuses(new, old)["stage/search/m/seconds"] == "regressed"
+    wobbly = [entry(git * 40, **{"stage__search__m__seconds": s}) for git, s in zip("bcd", (60.0, 150.0, 100.0))]
+    table = compare(new, old, TrackSettings(), wobbly).set_index("metric")
+    assert table.loc["stage/search/m/seconds", "status"] == "unchanged"  # 2 x its spread (45 s) is 90%
+    assert table.loc["stage/search/m/seconds", "min_effect"] == pytest.approx(2 * np.std([60, 150, 100], ddof=1) / 100)
+
+
+def test_a_planted_step_in_20_records_is_found_at_the_right_record():
+    rng, trials = np.random.default_rng(2), 50
+    found = {"noise": 0, "exact": 0, "near": 0}
+    for seed in range(trials):
+        values = 1000 * rng.lognormal(0, SPREAD, 20)
+        found["noise"] += change_points(values, seed=seed) != []  # pure noise: a change point is a false alarm
+        step = values.copy()
+        step[13:] *= 1.20  # 20%: about 6 times the spread
+        found["exact"] += change_points(step, seed=seed) == [13]
+        values[13:] *= 1.10  # 10%: the regression the tracking must catch
+        points = change_points(values, seed=seed)
+        found["near"] += len(points) == 1 and abs(points[0] - 13) <= 1
+    assert found["noise"] <= 0.05 * trials and found["exact"] >= 0.95 * trials and found["near"] >= 0.95 * trials
+    two = np.r_[np.full(8, 1.0), np.full(7, 2.0), np.full(8, 1.5)] + rng.normal(0, 0.02, 23)
+    assert change_points(two) == [8, 15]
+
+
+def test_records_of_another_machine_or_config_are_not_compared_by_default(tmp_path, capsys):
+    history = tmp_path / "history.jsonl"
+    append(history, entry("a" * 40))
+    append(history, entry("b" * 40, machine=MACHINE | {"cpu": "Intel Xeon"}, **{"stage__search__m__seconds": 10.0}))
+    append(history, entry("c" * 40, config_hash="c1", **{"stage__search__m__seconds": 10.0}))
+    append(history, entry("d" * 40))
+    main(["track", "compare", "--history", str(history)])
+    out = capsys.readouterr().out
+    assert "2 earlier records of another config or machine are not compared" in out
+    assert "previous (git aaaaaaaa" in out and "every metric unchanged" in out
+    main(["track", "compare", "--history", str(history), "--any-record"])
+    out = capsys.readouterr().out
+    assert "previous (git cccccccc" in out and "not comparable: config default c1 -> default c0" in out
+    assert "| regressed" in out  # the search stage: 10 s there, 100 s here
+    main(["track", "compare", "--history", str(history), "--baseline", "bbbb"])  # asked for: compared, and said
+    assert "not comparable: machine cpu Intel Xeon -> AMD EPYC" in capsys.readouterr().out
+
+
+def test_contended_latencies_are_not_judged():
+    old = entry("a" * 40)
+    new = entry("b" * 40, **{"m__latency__cqil S12-E28-P2-D0__prefill-512__reduction": -0.44}) | {
+        "contended": ["m/latency/cqil S12-E28-P2-D0/prefill-512/reduction"]
+    }
+    assert statuses(new, old)["m/latency/cqil S12-E28-P2-D0/prefill-512/reduction"] == "contended"
+    exported = benchmark_json(new, TrackSettings())["customBiggerIsBetter"]
+    assert [e["name"] for e in exported] == ["m/S16-E28-P2-D0/zeroshot/heldout/top1"]  # left out of the export
 
 
 def test_changed_package_versions_stand_beside_the_metrics_that_moved(tmp_path, capsys):
@@ -101,7 +230,7 @@ def test_history_is_append_only_and_a_truncated_line_is_skipped(tmp_path):
     assert find(records, "v1")["git"] == "a" * 40 and find(records, "bbbb")["git"] == "b" * 40
 
 
-def test_compare_cli_gates_on_regressions(tmp_path, capsys):
+def test_compare_cli_gates_on_regressions_only(tmp_path, capsys):
     history = tmp_path / "history.jsonl"
     append(history, entry("a" * 40, label="release"))
     append(history, entry("b" * 40))
@@ -111,33 +240,119 @@ def test_compare_cli_gates_on_regressions(tmp_path, capsys):
     main(["track", "compare", "--history", str(history), "--baseline", "release"])  # reports, exits 0
     out, err = capsys.readouterr()
     assert "skipped a corrupt line" in err and "previous (git bbbbbbbb" in out and "baseline release" in out
-    assert out.count("regression") >= 2  # against the previous record and against the baseline
+    assert out.count("| regressed") == 2  # against the previous record and against the baseline
     with pytest.raises(SystemExit) as exit_:
         main(["track", "compare", "--history", str(history), "--fail-on-regression"])
     assert exit_.value.code == 1
-    append(history, entry("d" * 40, **{"m__S16-E28-P2-D0__zeroshot__heldout__kl": 0.61}))  # noise after the jump
-    main(["track", "compare", "--history", str(history), "--fail-on-regression"])  # no exit
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_:  # a threshold without its direction: one line, not a TypeError
+    rng = np.random.default_rng(3)
+    append(history, timed("d" * 40, 1000, rng, **{"m__S16-E28-P2-D0__zeroshot__heldout__kl": 0.61}))
+    append(history, timed("e" * 40, 1100, rng, repeats=2, **{"m__S16-E28-P2-D0__zeroshot__heldout__kl": 0.61}))
+    main(["track", "compare", "--history", str(history), "--fail-on-regression"])  # inconclusive: no exit
+    assert "inconclusive" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:  # a rule without its direction: one line, not a TypeError
         main(
-            ["track", "compare", "--history", str(history), "--settings", '{"thresholds": {"kl": {"tolerance": 0.1}}}']
+            [
+                "track",
+                "compare",
+                "--history",
+                str(history),
+                "--settings",
+                '{"min_effects": {"kl": {"min_effect": 0.1}}}',
+            ]
         )
     assert exit_.value.code == 2 and capsys.readouterr().err == (  # before the history is read
-        "cqil: error: track.thresholds.kl: {'tolerance': 0.1} needs the keys direction, tolerance, relative\n"
+        "cqil: error: track.min_effects.kl: {'min_effect': 0.1} needs the keys direction, min_effect, relative\n"
     )
 
 
-def test_github_action_benchmark_export_and_trends(tmp_path):
-    exported = benchmark_json(entry("a" * 40), TrackSettings())
-    smaller = {e["name"] for e in exported["customSmallerIsBetter"]}
-    bigger = {e["name"] for e in exported["customBiggerIsBetter"]}
-    assert smaller == {"m/S16-E28-P2-D0/zeroshot/heldout/kl", "stage/search/m/seconds"}
-    assert bigger == {"m/S16-E28-P2-D0/zeroshot/heldout/top1", "m/latency/cqil S12-E28-P2-D0/prefill-512/reduction"}
-    assert all(set(e) == {"name", "unit", "value", "extra"} for e in exported["customBiggerIsBetter"])
-    history = tmp_path / "history.jsonl"
-    for git, kl in (("a", 0.4), ("b", 0.38), ("c", 0.41)):
-        append(history, entry(git * 40, **{"m__S16-E28-P2-D0__zeroshot__heldout__kl": kl}))
+def latency_result(engine, plan, samples, baseline=None, share=0.0):
+    """A `cqil latency` result of one prefill record (the fields `latency.table` and `track` read)."""
+    records = [
+        {
+            "threads": 1,
+            "phase": "prefill",
+            "tokens": 512,
+            "batch_size": 1,
+            "median_ms": float(np.median(samples)),
+            "p10_ms": min(samples),
+            "p90_ms": max(samples),
+            "samples_ms": samples,
+        }
+    ]
+    if baseline:
+        records[0] |= {"baseline_median_ms": float(np.median(baseline)), "baseline_samples_ms": baseline}
+    return {
+        "model": "random:tiny",
+        "engine": engine,
+        "plan": plan,
+        "degree": None,
+        "ranks": 2 if plan else 1,
+        "layers": 30,
+        "check": None,
+        "load": {"share": share, "limit": 0.1, "contended": share > 0.1},
+        "records": records,
+        "provenance": {
+            "settings": {
+                "model": "random:tiny",
+                "engine": engine,
+                "degree": None,
+                "dtype": "float32",
+                "device": "auto",
+                "settings": {"repeats": 5},
+            }
+        },
+    }
+
+
+def test_a_record_keeps_samples_intervals_and_what_was_contended(tmp_path):
+    run, logs = tmp_path / "results" / "default", tmp_path / "logs"
+    model = run / "m"
+    (model / "latency").mkdir(parents=True)
+    (model / "model.json").write_text("{}")
+    pd.DataFrame(
+        [
+            {"plan": "original", "stage": "original", "task": "arc_easy_local", "metric": "acc_norm", "value": 45.6}
+            | {"low": 41.2, "high": 50.4},
+            {"plan": "S16-E28-P2-D0", "stage": "zeroshot", "task": "heldout", "metric": "kl", "value": 0.42}
+            | {"low": None, "high": None},
+        ]
+    ).to_csv(model / "quality.csv", index=False)
+    original = [1000.0, 1010.0, 990.0, 1005.0, 995.0]
+    (model / "latency" / "original.json").write_text(json.dumps(latency_result("original", None, original)))
+    cqil = latency_result("cqil", "S12-E28-P2-D0", [800.0, 790.0, 810.0, 805.0, 795.0], baseline=original, share=0.3)
+    (model / "latency" / "cqil-S12-E28-P2-D0.json").write_text(json.dumps(cqil))
+    (logs / "search").mkdir(parents=True)
+    (logs / "search" / "m.benchmark.tsv").write_text("s\th:m:s\n12.5\t0:00:12\n")
+    made = record(run, logs, {}, "default")
+    assert made["intervals"] == {"m/original/original/arc_easy_local/acc_norm": [41.2, 50.4]}
+    name = "m/latency/cqil S12-E28-P2-D0/prefill-512"
+    assert made["metrics"][f"{name}/reduction"] == pytest.approx(1 - 800 / 1000)
+    assert made["samples"][f"{name}/reduction"] == pytest.approx(
+        [1 - c / o for c, o in zip(cqil["records"][0]["samples_ms"], original)]
+    )
+    assert made["samples"]["m/latency/original, 1 thread/prefill-512/ms"] == original
+    assert made["contended"] == [f"{name}/ms", f"{name}/reduction"]  # the original was quiet
+    assert made["metrics"]["stage/search/m/seconds"] == 12.5 and made["run_dir"] == str(run)
+    command = remeasure_command(model / "latency" / "cqil-S12-E28-P2-D0.json", tmp_path / "again.json")
+    assert command[:2] == ["cqil", "latency"] and command[command.index("--plan") + 1] == "S12-E28-P2-D0"
+    assert json.loads(command[command.index("--settings") + 1]) == {"repeats": 5}
+
+
+def test_the_dashboard_is_one_page_with_a_chart_per_metric(tmp_path):
+    history, rng = tmp_path / "history.jsonl", np.random.default_rng(4)
+    for i in range(12):
+        made = timed(f"{i:x}" * 40, 1000 * (1.1 if i >= 6 else 1.0), rng, spread=0.01)
+        append(history, made | {"contended": [LATENCY]} if i == 3 else made)
+    append(history, entry("f" * 40, machine=MACHINE | {"cpu": "Intel Xeon"}))  # newest: another machine
+    append(history, timed("e" * 40, 1100, rng, spread=0.01))
+    page = tmp_path / "dashboard.html"
+    main(["track", "dashboard", "--history", str(history), "--out", str(page)])
+    text = page.read_text()
+    assert text.count('class="chart"') == 5  # kl, top1, reduction, seconds, ms: the tracked kinds
+    assert "change at record 6" in text  # the planted step, on the ms chart
+    assert text.count("<tr>") == 1 + 13  # the header and one row per shown record (the other machine left out)
+    dom = rendered(page, tmp_path / "dashboard.png")
+    assert dom.count('class="chart"') == 5 and dom.count("<svg") >= 5
     main(["track", "trends", "--history", str(history), "--out-dir", str(tmp_path / "trends")])
-    assert json.loads((tmp_path / "trends" / "customSmallerIsBetter.json").read_text())[0]["value"] == 0.41
-    for kind in ("kl", "top1", "reduction", "seconds"):
-        assert (tmp_path / "trends" / f"trend_{kind}.png").stat().st_size > 10_000
+    exported = json.loads((tmp_path / "trends" / "customSmallerIsBetter.json").read_text())
+    assert {e["name"] for e in exported} == {"m/S16-E28-P2-D0/zeroshot/heldout/kl", "stage/search/m/seconds", LATENCY}

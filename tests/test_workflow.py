@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import checkout_copy
+from conftest import checkout_copy, rendered
 
 from cqil.config import check_config
 from cqil.errors import ConfigError, CqilError
@@ -118,9 +118,9 @@ def test_each_section_is_its_stages_settings_and_restates_their_defaults():
         ),
         ("evaluate.data_dir", "nowhere", "config.evaluate.data_dir: 'nowhere' is not a directory"),
         (
-            "track.thresholds",
-            {"kl": {"tolerance": 0.1}},
-            "config.track.thresholds.kl: 'direction' is a required property",
+            "track.min_effects",
+            {"kl": {"min_effect": 0.1}},
+            "config.track.min_effects.kl: 'direction' is a required property",
         ),
     ],
 )
@@ -158,8 +158,9 @@ def test_dry_run_of_the_default():
         "simulate": 1,
         "tables": 1,
         "track": 1,
+        "dashboard": 1,
         "all": 1,
-        "total": 22,
+        "total": 23,
     }  # per-plan jobs come after `select`
     # latency: smollm2-135m has 9 heads, so no tp-2; the random llama-135m (8 heads) gets it
     assert "results/dryrun/llama-135m/latency/tp-2.json" in out and "smollm2-135m/latency/tp-2" not in out
@@ -208,34 +209,6 @@ def test_lint():
     assert {rule for rule, _ in found} == rules and len(rules) >= 15
     titles = {title for _, lints in found for title in re.findall(r"^    \* (.*):$", lints, re.M)}
     assert titles == {"Specify a conda environment or container for each rule."}
-
-
-def rendered(html: Path, png: Path) -> None:
-    """Headless Chromium (Debian's `chromium`) renders the page to a screenshot that is not blank."""
-    import shutil
-
-    import matplotlib.image
-
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    if browser is None:
-        pytest.skip("no chromium: install Debian's `chromium` to check that the report renders")
-    subprocess.run(
-        [
-            browser,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            f"--screenshot={png}",
-            "--window-size=1280,2000",
-            "--virtual-time-budget=10000",
-            html.as_uri(),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
-    pixels = matplotlib.image.imread(png)
-    assert pixels.shape[:2] == (2000, 1280) and pixels.std() > 0.05  # text and figures, not an empty page
 
 
 @pytest.mark.slow

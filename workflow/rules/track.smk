@@ -18,3 +18,19 @@ rule track:
     shell:
         "cqil track record --settings {params.settings} --run-dir {params.run_dir} --logs {params.logs}"
         " --config {params.config} --config-name {params.name} --history {params.history} --out {output} > {log} 2>&1"
+
+
+# The history as one static HTML page: a trend per metric with its band and change points (cqil/dashboard.py).
+rule dashboard:
+    input:
+        rules.track.output,
+    output:
+        f"results/{config['run']}/track/dashboard.html",
+    log:
+        f"logs/{config['run']}/dashboard.log",
+    threads: 1
+    params:
+        settings=settings("track"),
+        history="results/history.jsonl",
+    shell:
+        "cqil track dashboard --settings {params.settings} --history {params.history} --out {output} > {log} 2>&1"
