@@ -9,6 +9,7 @@ import pytest
 from conftest import rendered
 
 from cqil.cli import main
+from cqil.latency import SLOWDOWN
 from cqil.track import (
     TrackSettings,
     append,
@@ -356,3 +357,36 @@ def test_the_dashboard_is_one_page_with_a_chart_per_metric(tmp_path):
     main(["track", "trends", "--history", str(history), "--out-dir", str(tmp_path / "trends")])
     exported = json.loads((tmp_path / "trends" / "customSmallerIsBetter.json").read_text())
     assert {e["name"] for e in exported} == {"m/S16-E28-P2-D0/zeroshot/heldout/kl", "stage/search/m/seconds", LATENCY}
+
+
+def test_a_slowed_engine_is_regressed_and_confirm_times_it_again(tiny_dir, tmp_path, monkeypatch, capsys):
+    """Real `cqil latency` runs of a tiny model; the second with the engine slowed by the test hook (2x)."""
+    run, logs, history = tmp_path / "results" / "default", tmp_path / "logs", tmp_path / "history.jsonl"
+    (run / "m" / "latency").mkdir(parents=True)
+    (run / "m" / "model.json").write_text("{}")
+    logs.mkdir()
+    timing = {"prompt_lengths": [32], "new_tokens": 4, "warmup": 1, "repeats": 5, "contention_limit": 1.0}
+    timing = json.dumps(timing)  # (never contended: this test is about the verdict, not the load)
+
+    def measure(engine, *args):
+        out = run / "m" / "latency" / f"{engine}.json"
+        main(["latency", "--model", str(tiny_dir), "--engine", engine, *args, "--settings", timing, "--out", str(out)])
+
+    def track():
+        main(["track", "record", "--run-dir", str(run), "--logs", str(logs), "--history", str(history)])
+
+    measure("original")
+    measure("pruned", "--plan", "drop-2")
+    track()
+    monkeypatch.setenv(SLOWDOWN, "1.0")  # every forward of the pruned engine sleeps as long as it ran
+    measure("pruned", "--plan", "drop-2")
+    track()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(["track", "compare", "--history", str(history), "--fail-on-regression", "--confirm"])
+    assert exit_.value.code == 1
+    out = capsys.readouterr().out
+    table = out.split("confirm:")[0]
+    assert "| m/latency/pruned drop-2/prefill-32/ms" in table and "| regressed" in table
+    assert "confirm: cqil latency --settings" in out and "--plan drop-2" in out
+    assert "m/latency/pruned drop-2/prefill-32/ms: regressed when measured again" in out
