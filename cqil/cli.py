@@ -57,6 +57,10 @@ OPTIONS = {
     "finetune": dict(nargs="*", help="`cqil finetune` JSON files: held-out quality after fine-tuning"),
     "latency": dict(nargs="*", help="`cqil latency` JSON files (simulate) or latency.csv tables (tables)"),
     "quality": dict(nargs="+", help="MODEL=PATH of each model's quality.csv"),
+    "gpu_latency": dict(
+        nargs="*", help="simulate: `cqil latency --engine original` JSON from one GPU (a fitted preset)"
+    ),
+    "gpu_layers": dict(nargs="*", help="simulate: `cqil layer-latency` JSON from a GPU (checks every preset)"),
     "adapter": dict(help="peft adapter directory written by `cqil finetune` (needs --plan)"),
     "engine": dict(choices=list(ENGINES)),
     "degree": dict(type=int, help="tp: ranks to split each layer over"),
@@ -64,7 +68,10 @@ OPTIONS = {
     "shapes": dict(nargs="+", help="named shapes (cqil.models.SHAPES)"),
     "lengths": dict(type=int, nargs="+", help="prefill tokens"),
     "context": dict(type=int, help="KV cache length of the decode step"),
-    "modes": dict(nargs="+", choices=["eager", "graphs"]),
+    "modes": dict(nargs="+", help="layer-latency: eager, graphs; decode-latency: eager, static, compiled"),
+    "prompt_length": dict(type=int, help="decode-latency: prompt tokens before the timed decode"),
+    "new_tokens": dict(type=int, help="decode-latency: decode steps timed per generation"),
+    "backend": dict(help="decode-latency: torch.compile backend (inductor; eager for a CPU dry run)"),
     "warmup": dict(type=int),
     "repeats": dict(type=int),
     "action": dict(choices=["record", "compare", "dashboard", "trends"]),

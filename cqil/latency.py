@@ -341,7 +341,7 @@ def measure(
     job_cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
     cores = runtime.pin(ranks, settings.threads_per_rank)
     sync = torch.cuda.synchronize if ranks.device.type == "cuda" else lambda: None
-    model, _ = load_model(spec, dtype=dtype)
+    model, _ = load_model(spec, dtype=dtype, device=ranks.device)
     model.to(ranks.device)
     original = setup.engine == "original"
     interleaved = not original and settings.interleaved_baseline
@@ -605,6 +605,8 @@ def run_layer_latency(
 ) -> None:
     """The stage: per-layer prefill and decode latency of named LLaMA shapes with random weights (eager, CUDA
     graphs), as JSON records and a Markdown table on stdout (the GPU script, scripts/gpu_checks.sh)."""
+    if unknown := [mode for mode in modes if mode not in ("eager", "graphs")]:
+        raise EngineError(f"--modes {unknown[0]!r}: allowed are eager, graphs")
     records = [
         record
         for shape in shapes

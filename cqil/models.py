@@ -220,11 +220,12 @@ def load_tokenizer(spec: str):
     return tokenizer
 
 
-def load_model(spec: str, plan: Plan | Prune | None = None, dtype: str = "auto"):
+def load_model(spec: str, plan: Plan | Prune | None = None, dtype: str = "auto", device=None):
     """Load (model, tokenizer) in eval mode; apply `plan`, or the plan stored in the model's config.
 
     The family and the plan are checked against the config before any weight is read. A
-    `random:<shape>` spec gives seeded random weights (float32 unless `dtype` says) and no tokenizer.
+    `random:<shape>` spec gives seeded random weights (float32 unless `dtype` says) and no tokenizer,
+    built on `device` where one is given (a 7B shape on a GPU: no CPU copy to initialise first).
     """
     if dtype not in DTYPES:
         raise ModelError(f"dtype {dtype!r}: allowed are {', '.join(DTYPES)}")
@@ -234,7 +235,8 @@ def load_model(spec: str, plan: Plan | Prune | None = None, dtype: str = "auto")
         plan.validate(config.num_hidden_layers)
     if str(spec).startswith(RANDOM):
         torch.manual_seed(0)  # every rank of a distributed run builds the same weights
-        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype] if dtype != "auto" else None)
+        with torch.device(device or "cpu"):
+            model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype] if dtype != "auto" else None)
         return apply_plan(model.eval(), plan), None
     location, kwargs = resolve(spec)
     if "gguf_file" in kwargs:

@@ -237,6 +237,8 @@ def simulation_figures(predicted: pd.DataFrame, checked: pd.DataFrame, swept: pd
     axes[0].set_ylabel("decode latency (ms/token, predicted)")
     save_figure(fig, Path(out) / "simulation_crossover")
 
+    if checked.empty:  # no `cqil latency` run of this machine to check against
+        return
     fig, ax = plt.subplots(figsize=(4.6, 4.2))
     for setup, part in checked.groupby("setup", sort=False):
         ax.scatter(part.measured_ms, part.predicted_ms, label=setup, marker="o" if part.fitted_on.all() else "^")

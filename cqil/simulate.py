@@ -198,6 +198,8 @@ def fit(result: dict, allreduce: list[dict]) -> Hardware:
         if len(parts) > 1
         else (parts[0]["prefill_layer_ms"] / 1e3 / work[0], 0.0)
     )
+    if slope <= 0:  # times that do not grow with the work (noise on tiny shapes): a rate through the origin
+        slope, fixed = float(np.median([p["prefill_layer_ms"] / 1e3 / w for p, w in zip(parts, work)])), 0.0
     fixed = max(float(fixed), 0.0)
     decode = np.median([p["decode_layer_ms"] for p in parts]) / 1e3
     bandwidth = layer_params(shape) * dtype_bytes / max(decode - fixed, 1e-9)
@@ -205,7 +207,10 @@ def fit(result: dict, allreduce: list[dict]) -> Hardware:
     rest = max(float(np.median([p["decode_rest_ms"] for p in parts])) / 1e3 - head, 0.0)
     sizes = np.array([r["bytes"] for r in allreduce], dtype=float)
     times = np.array([r["median_ms"] for r in allreduce]) / 1e3
-    per_byte, base = np.polyfit(sizes, times, 1) if len(allreduce) > 1 else (0.0, times[0])
+    if not allreduce:  # one device: no all-reduce was timed (measured_preset takes published figures)
+        per_byte, base = float("inf"), float("nan")
+    else:
+        per_byte, base = np.polyfit(sizes, times, 1) if len(allreduce) > 1 else (0.0, times[0])
     return Hardware(
         f"fitted: {result['model']}",
         bandwidth,
@@ -222,12 +227,60 @@ def fit(result: dict, allreduce: list[dict]) -> Hardware:
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 
 
+def measured_preset(result: dict, links: str = "H100-SXM/nccl") -> Hardware:
+    """A preset for the GPU that ran `cqil latency --engine original` (scripts/gpu_checks.sh): bandwidth, compute and
+    the fixed costs fitted to its per-layer and non-layer times; the all-reduce, which one GPU cannot measure, from
+    the published figures of `links` (an H200 has the H100's NVLink 4)."""
+    gpu = (result.get("provenance", {}).get("machine") or {}).get("gpu") or result.get("device", "GPU")
+    name = next((key for key in ("H200", "H100", "A100") if key in gpu), gpu)
+    wire = HARDWARE[links]
+    return replace(
+        fit(result, []),
+        name=f"{name}/measured",
+        allreduce_latency=wire.allreduce_latency,
+        allreduce_per_doubling=wire.allreduce_per_doubling,
+        bus_bandwidth=wire.bus_bandwidth,
+        source=f"bandwidth, flops, layer and rest fixed costs fitted to `cqil latency` on one {gpu} "
+        f"({result['model']}, {result['dtype']}); all-reduce from {links}: {wire.source}",
+    )
+
+
+def preset_errors(layer_records: list[dict], presets: list[Hardware]) -> list[dict]:
+    """Each preset's predicted time of one decoder layer against what `cqil layer-latency` measured on a GPU
+    (CUDA-graph records where there are some: the presets assume a graph-replayed decode loop). The presets do
+    not model reading the KV cache, which a decode step over a long context adds."""
+    graphs = [r for r in layer_records if r["graphs"]] or layer_records
+    return [
+        {
+            "hardware": hw.name,
+            "shape": record["shape"],
+            "phase": record["phase"],
+            "tokens": record["tokens"],
+            "measured_ms": record["median_ms"],
+            "predicted_ms": predicted,
+            "error": predicted / record["median_ms"] - 1,
+        }
+        for hw in presets
+        for record in graphs
+        for predicted in [
+            1e3
+            * layer_time(
+                SHAPES[record["shape"]],
+                hw,
+                record["phase"],
+                1 if record["phase"] == "decode" else record["tokens"],
+                dtype_bytes=DTYPE_BYTES[record["dtype"]],
+            )
+        ]
+    ]
+
+
 def shape_of(name: str) -> dict:
     return {**SHAPES[name], "name": name}
 
 
 def predictions(
-    plans: dict[str, list[str]], hardware: list[str], degrees: list[int], prefill: list[int], max_ranks: int = 8
+    plans: dict[str, list[str]], hardware: list[Hardware], degrees: list[int], prefill: list[int], max_ranks: int = 8
 ) -> list[dict]:
     """Original, CQIL, TP and CQIL x TP (up to `max_ranks` ranks) for each named shape and hardware preset."""
     rows = []
@@ -239,7 +292,7 @@ def predictions(
             + [(None, n) for n in degrees]
             + [(Plan.parse(p), n) for p in names for n in degrees if Plan.parse(p).size * n <= max_ranks]
         )
-        for hw in map(HARDWARE.get, hardware):
+        for hw in hardware:
             for phase, tokens in [("decode", 1)] + [("prefill", t) for t in prefill]:
                 for plan, tp in setups:
                     rows.append(
@@ -371,14 +424,19 @@ def sweep(name: str, hw: Hardware, setups: list[tuple[str | None, int]], latenci
     ]
 
 
-def run_simulate(settings: SimulateSettings, *, out_dir, latency=()) -> None:
+def run_simulate(settings: SimulateSettings, *, out_dir, latency=(), gpu_latency=(), gpu_layers=()) -> None:
     """The stage: predictions for the paper's models on GPU presets, the CQIL/TP crossover, and validation of the
-    model fitted on this machine's `cqil latency` runs, as CSV and Markdown tables, a JSON summary and figures."""
+    model fitted on this machine's `cqil latency` runs, as CSV and Markdown tables, a JSON summary and figures.
+    With the GPU script's records (`gpu_latency`: an original's `cqil latency` on one GPU; `gpu_layers`: `cqil
+    layer-latency`), a preset fitted to that GPU joins the predictions, and every preset's per-layer times are
+    checked against the measured ones (gpu_presets.csv)."""
     out = Path(out_dir)
+    measured = [measured_preset(json.loads(Path(path).read_text())) for path in gpu_latency]
+    presets = [HARDWARE[name] for name in settings.hardware] + measured
     predicted = pd.DataFrame(
         predictions(
             settings.plans,
-            settings.hardware,
+            presets,
             list(settings.tp_degrees),
             list(settings.prefill_tokens),
             settings.max_ranks,
@@ -394,15 +452,26 @@ def run_simulate(settings: SimulateSettings, *, out_dir, latency=()) -> None:
     by_model = {model: group for model, group in by_model.items() if any(r["engine"] == "original" for r in group)}
     checked = pd.DataFrame([row for group in by_model.values() for row in validation(group)])
     swept = pd.DataFrame(crossover_sweep(settings))
-    for name, frame in (("predictions", predicted), ("validation", checked), ("crossover", swept)):
+    tables = [("predictions", predicted), ("validation", checked), ("crossover", swept)]
+    if gpu_layers:
+        layers = [record for path in gpu_layers for record in json.loads(Path(path).read_text())["records"]]
+        tables.append(("gpu_presets", pd.DataFrame(preset_errors(layers, [*HARDWARE.values(), *measured]))))
+    for name, frame in tables:
         write_csv(out / f"{name}.csv", frame)
         write_markdown(out / f"{name}.md", frame)
     write_json(
         out / "simulation.json",
         {
-            "hardware": {name: asdict(hw) for name, hw in HARDWARE.items()},
+            "hardware": {hw.name: asdict(hw) for hw in [*HARDWARE.values(), *measured]},
             "fitted": {model: asdict(fit_runs(group)) for model, group in by_model.items()},
-            "provenance": provenance({"latency": list(latency), "settings": asdict(settings)}),
+            "provenance": provenance(
+                {
+                    "latency": list(latency),
+                    "gpu_latency": list(gpu_latency),
+                    "gpu_layers": list(gpu_layers),
+                    "settings": asdict(settings),
+                }
+            ),
         },
     )
     simulation_figures(predicted, checked, swept, out)

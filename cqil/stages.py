@@ -19,6 +19,7 @@ from .data import CorpusSettings, run_corpus
 from .errors import CqilError
 from .evaluate import EvaluateSettings, run_evaluate
 from .finetune import FinetuneSettings, run_finetune, run_finetuned_table
+from .gpu import run_decode_latency
 from .latency import LatencySettings, run_latency, run_latency_table, run_layer_latency
 from .models import run_prepare
 from .quality import QualitySettings, run_compare, run_quality
@@ -47,6 +48,7 @@ STAGES = {  # in pipeline order; a settings class reads the config section named
     "latency": (LatencySettings, run_latency),
     "latency-table": (None, run_latency_table),
     "layer-latency": (None, run_layer_latency),
+    "decode-latency": (None, run_decode_latency),
     "simulate": (SimulateSettings, run_simulate),
     "tables": (None, run_tables),
     "track": (TrackSettings, run_track),

@@ -4,8 +4,9 @@
 
 Engines: `cqil.py` spreads the layers of each group over P ranks (one all-reduce per group);
 `tp.py` is the tensor-parallel baseline through torch's DTensor. gloo on CPU, NCCL with one GPU per
-rank. A rank that raises, dies or hangs ends the whole run with an error: torchrun stops the other
-ranks when one exits, and a collective that waits longer than `timeout` raises on the ranks waiting.
+rank, gloo with CUDA tensors where ranks share a GPU. A rank that raises, dies or hangs ends the whole
+run with an error: torchrun stops the other ranks when one exits, and a collective that waits longer
+than `timeout` raises on the ranks waiting.
 """
 
 from __future__ import annotations
@@ -68,12 +69,16 @@ def init(timeout: float = 300.0, device: str = "auto") -> Ranks:
     """This process's rank, world size and device; joins the process group when there are several ranks."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    where = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    gpus = torch.cuda.device_count() if cuda else 0
+    where = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % max(gpus, 1)}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(where)
+    # More ranks than GPUs (2 ranks on one GPU: a check of the CUDA path, not a timing): NCCL refuses two ranks
+    # on one device, gloo takes CUDA tensors (through the host).
+    nccl = cuda and world <= gpus
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(
-            "nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout), device_id=where if cuda else None
+            "nccl" if nccl else "gloo", timeout=timedelta(seconds=timeout), device_id=where if nccl else None
         )
     return Ranks(rank, world, where)
 
