@@ -418,6 +418,7 @@ def table(results: list[dict]):
             "baseline": "same run" if "baseline_median_ms" in record else "separate run",
             "ideal": setup.ideal(result["layers"]),
             "check_max_abs_diff": (result["check"] or {}).get("max_abs_diff"),
+            "contended": contended(result),
         }
         for result in results
         for record in result["records"]
@@ -488,18 +489,20 @@ def run_latency(
 
 def run_latency_table(inputs, *, out, figure=None, title: str = "") -> None:
     """The stage: the latency table (CSV, and Markdown beside it) and figure from `cqil latency` files of one model.
-    A result measured on a busy machine (`load.contended`) is left out, and the stage says so."""
+    A result measured on a busy machine (`load.contended`) keeps its row, marked, without its reductions, and the
+    stage says so."""
     results = [json.loads(Path(path).read_text()) for path in inputs]
     for path, result in zip(inputs, results):
         if contended(result):
             print(
-                f"cqil: warning: {path}: left out, measured on a busy machine "
-                f"(others took {result['load']['share']:.0%} of its cores)"
+                f"cqil: warning: {path}: measured on a busy machine (others took {result['load']['share']:.0%} of "
+                "its cores): its reductions are left out of the table and the figure; rerun it on a quiet machine"
             )
-    results = [result for result in results if not contended(result)]
-    if not results:
-        raise EngineError(f"every latency result was measured on a busy machine: rerun them on a quiet one ({inputs})")
     frame = table(results)
+    # A contended row's times are kept (marked), its reductions are not; nor those measured against a busy original.
+    busy_original = frame[(frame.engine == "original") & (frame.threads == 1)].contended.any()
+    left_out = frame.contended | ((frame.baseline == "separate run") & busy_original)
+    frame.loc[left_out, ["reduction", "of_ideal"]] = np.nan
     write_csv(out, frame)
     write_markdown(Path(out).with_suffix(".md"), frame.drop(columns=["model"]))
     if figure:
