@@ -12,8 +12,11 @@ records carry, first that applies:
   the difference of two medians of 5;
 - an interval (quality: a bootstrap interval over questions): a z-test of the difference, each standard
   error read off its interval as (high - low) / (2 z);
-- neither: the value is an exact computation (held-out KL on fixed blocks, a wall time measured once), and a
-  change beyond the minimum effect counts.
+- neither, for a timing (a rule with `timed`: a wall time measured once, a latency of one repeat): the history's
+  spread, where it has 3 or more comparable records, as the noise of each value (a z-test); without it the
+  change cannot be told from noise and is at most *inconclusive*;
+- neither, for a computed value (held-out KL on fixed blocks): it is exact, and a change beyond the minimum
+  effect counts.
 The history can raise the minimum effect to twice the metric's spread over the last records of the same
 config on the same machine: run-to-run noise (a different core placement, a warmer machine) that the
 repeats inside one run do not see.
@@ -35,6 +38,7 @@ class Rule:
     direction: str  # lower | higher: which way is better
     min_effect: float  # the smallest change ever called, either way ...
     relative: bool = True  # ... as a fraction of the old value, or in the metric's own units
+    timed: bool = False  # a timing: never exact, so without repeats or history it is at most inconclusive
 
 
 @dataclass(frozen=True)
@@ -49,12 +53,14 @@ class Verdict:
     status: str  # regressed | improved | unchanged | inconclusive
     change: float  # new - old (with samples: their shift), as a fraction of old where the rule is relative
     p: float | None  # the test's two-sided p-value; None where the value is exact
-    noise: str  # samples | interval | exact: where the p-value came from
+    noise: str  # samples | interval | history | exact | none: where the p-value came from
     min_effect: float  # the one applied: the rule's, or twice the history's spread where that is larger
 
 
-def p_value(old: Measurement, new: Measurement, level: float) -> tuple[float | None, str]:
-    """Two-sided p-value of new against old, and which noise it rests on."""
+def p_value(
+    old: Measurement, new: Measurement, level: float, timed: bool = False, spread: float | None = None
+) -> tuple[float | None, str]:
+    """Two-sided p-value of new against old, and which noise it rests on (None: an exact value)."""
     if len(old.samples) >= 2 and len(new.samples) >= 2:
         return float(stats.mannwhitneyu(new.samples, old.samples, alternative="two-sided").pvalue), "samples"
     if old.interval and new.interval:
@@ -62,7 +68,11 @@ def p_value(old: Measurement, new: Measurement, level: float) -> tuple[float | N
         se = np.hypot(*[(high - low) / (2 * z) for low, high in (old.interval, new.interval)])
         if se > 0:
             return float(2 * stats.norm.sf(abs(new.value - old.value) / se)), "interval"
-    return None, "exact"
+    if not timed:
+        return None, "exact"
+    if spread:  # each value as noisy as the history's values
+        return float(2 * stats.norm.sf(abs(new.value - old.value) / (spread * np.sqrt(2)))), "history"
+    return 1.0, "none"
 
 
 def shift(old, new, relative: bool) -> float:
@@ -77,7 +87,7 @@ def shift(old, new, relative: bool) -> float:
 def verdict(old: Measurement, new: Measurement, rule: Rule, level: float = 0.95, spread: float | None = None):
     """The verdict on one metric; `spread`: its standard deviation over earlier records (the history), if known."""
     scale = abs(old.value) if rule.relative and old.value else 1.0  # relative to 0 is undefined: absolute then
-    p, noise = p_value(old, new, level)
+    p, noise = p_value(old, new, level, rule.timed, spread)
     change = shift(old.samples, new.samples, scale != 1.0) if noise == "samples" else (new.value - old.value) / scale
     min_effect = max(rule.min_effect, 2 * spread / scale if spread else 0.0)
     if abs(change) <= min_effect:
