@@ -338,7 +338,7 @@ def measure(
     ranks = runtime.init(settings.timeout, device)
     if ranks.world != setup.ranks:
         raise EngineError(f"engine {setup.engine}: needs {setup.ranks} ranks, this run has {ranks.world}")
-    job_cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    job_cores = runtime.job_cores()
     cores = runtime.pin(ranks, settings.threads_per_rank)
     sync = torch.cuda.synchronize if ranks.device.type == "cuda" else lambda: None
     model, _ = load_model(spec, dtype=dtype, device=ranks.device)

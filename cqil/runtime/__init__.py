@@ -83,6 +83,11 @@ def init(timeout: float = 300.0, device: str = "auto") -> Ranks:
     return Ranks(rank, world, where)
 
 
+def job_cores() -> list[int]:
+    """The cores this job may use (under SLURM, the job's), as the process started: before any rank binds itself."""
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+
+
 def pin(ranks: Ranks, threads: int) -> list[int] | None:
     """On CPU, bind rank r to its own `threads` cores among those this job may use (as MPI's `--bind-to core`).
 
@@ -93,7 +98,7 @@ def pin(ranks: Ranks, threads: int) -> list[int] | None:
     """
     if ranks.device.type != "cpu" or ranks.world == 1 or not hasattr(os, "sched_setaffinity"):
         return None
-    cores = sorted(os.sched_getaffinity(0))  # under SLURM, the job's cores
+    cores = job_cores()
     if len(cores) < ranks.world * threads:
         return None
     mine = cores[ranks.rank * threads : (ranks.rank + 1) * threads]
