@@ -434,6 +434,13 @@ def table(results: list[dict]):
     return frame
 
 
+def withheld(frame: pd.DataFrame) -> pd.Series:
+    """The rows of `table` whose reductions rest on a result measured on a busy machine: their own, or the 1-thread
+    original's where they are measured against its separate run."""
+    busy_original = frame[(frame.engine == "original") & (frame.threads == 1)].contended.any()
+    return frame.contended | ((frame.baseline == "separate run") & busy_original)
+
+
 def run_latency(
     settings: LatencySettings,
     *,
@@ -499,10 +506,7 @@ def run_latency_table(inputs, *, out, figure=None, title: str = "") -> None:
                 "its cores): its reductions are left out of the table and the figure; rerun it on a quiet machine"
             )
     frame = table(results)
-    # A contended row's times are kept (marked), its reductions are not; nor those measured against a busy original.
-    busy_original = frame[(frame.engine == "original") & (frame.threads == 1)].contended.any()
-    left_out = frame.contended | ((frame.baseline == "separate run") & busy_original)
-    frame.loc[left_out, ["reduction", "of_ideal"]] = np.nan
+    frame.loc[withheld(frame), ["reduction", "of_ideal"]] = np.nan  # a contended row's times are kept, marked
     write_csv(out, frame)
     write_markdown(Path(out).with_suffix(".md"), frame.drop(columns=["model"]))
     if figure:

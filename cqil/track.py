@@ -33,12 +33,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .contention import contended
 from .dashboard import page
 from .environment import canonical, changes, installed
 from .errors import CqilError
 from .io import atomic, git_sha, machine, settings_hash, write_csv, write_json
-from .latency import result_setup, table
+from .latency import result_setup, table, withheld
 from .verdict import Measurement, Rule, verdict
 
 DEFAULT_RULES = {  # metric kind -> which way is better, and the smallest change worth a verdict
@@ -90,23 +89,21 @@ def latency_measurements(model: str, results: list[dict]) -> tuple[dict[str, Mea
     found, busy, frame = {}, set(), table(results)  # table's rows follow the results' records in order
     pairs = [(result, record) for result in results for record in result["records"]]
     own = {
-        (r["phase"], r["tokens"], r["batch_size"]): (np.median(r["samples_ms"]), contended(result))
+        (r["phase"], r["tokens"], r["batch_size"]): np.median(r["samples_ms"])
         for result, r in pairs
         if result["engine"] == "original" and r["threads"] == 1
     }
-    for (result, record), row in zip(pairs, frame.itertuples()):
+    for (result, record), row, unsure in zip(pairs, frame.itertuples(), withheld(frame)):
         name = f"{model}/latency/{row.setup}/{row.phase}-{row.tokens}"
         samples = np.asarray(record["samples_ms"])
         found[f"{name}/ms"] = Measurement(float(row.median_ms), tuple(samples.tolist()))
+        busy |= {f"{name}/ms"} if row.contended else set()
         if (result["engine"] == "original" and record["threads"] == 1) or row.reduction != row.reduction:
             continue  # the baseline itself, or no baseline (NaN)
         paired = np.asarray(record.get("baseline_samples_ms", []))
-        base, busy_base = (
-            (paired, False) if len(paired) == len(samples) else own[(row.phase, row.tokens, row.batch_size)]
-        )
+        base = paired if len(paired) == len(samples) else own[(row.phase, row.tokens, row.batch_size)]
         found[f"{name}/reduction"] = Measurement(float(row.reduction), tuple((1 - samples / base).tolist()))
-        busy |= {f"{name}/reduction"} if busy_base else set()
-        busy |= {f"{name}/ms", f"{name}/reduction"} if contended(result) else set()
+        busy |= {f"{name}/reduction"} if unsure else set()
     return found, busy
 
 
