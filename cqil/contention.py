@@ -9,7 +9,8 @@ A latency measured while other work runs is not a property of the engine: with o
 became -44%. The kernel counts every core's busy time (/proc/stat: user, nice, system, irq, softirq and
 steal, the time a hypervisor gave to another machine); what this job's own processes did not use of it
 went to others. `share` is that time as a fraction of the cores' capacity over the window; beyond `limit`
-the measurement is *contended*, and the tables, the simulator's fit and `cqil track` leave it out.
+the measurement is *contended*: the latency table withholds its reductions, the simulator's fit and
+`cqil track` leave it out.
 Where there is no /proc/stat (macOS) the load is unknown and nothing is flagged.
 """
 
@@ -68,6 +69,11 @@ class Window:
             "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
             "contended": bool(share is not None and share > limit),
         }
+
+
+def describe(load: dict) -> str:
+    """One line of how busy the machine was: `other processes took 53% of cores [0, 1] (limit 10%)`."""
+    return f"other processes took {load['share']:.0%} of cores {load['cores']} (limit {load['limit']:.0%})"
 
 
 def contended(result: dict) -> bool:

@@ -36,7 +36,7 @@ from transformers import DynamicCache, StaticCache
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
 from . import runtime
-from .contention import Window, contended, own_seconds
+from .contention import Window, contended, describe, own_seconds
 from .errors import EngineError
 from .io import provenance, write_csv, write_json, write_markdown
 from .layers import decoder_layers, with_cache
@@ -469,10 +469,9 @@ def run_latency(
     result = measure(model, setup, settings, dtype, device)
     if result is not None:  # rank 0
         if contended(result):
-            load = result["load"]
             print(
-                f"cqil: warning: contended: other processes took {load['share']:.0%} of cores {load['cores']} while "
-                f"this ran (limit {load['limit']:.0%}); tables, the simulator's fit and `cqil track` leave it out"
+                f"cqil: warning: contended: {describe(result['load'])} while this ran; the latency table withholds "
+                "its reductions, the simulator's fit and `cqil track` leave it out"
             )
         write_json(
             out,
@@ -502,8 +501,8 @@ def run_latency_table(inputs, *, out, figure=None, title: str = "") -> None:
     for path, result in zip(inputs, results):
         if contended(result):
             print(
-                f"cqil: warning: {path}: measured on a busy machine (others took {result['load']['share']:.0%} of "
-                "its cores): its reductions are left out of the table and the figure; rerun it on a quiet machine"
+                f"cqil: warning: {path}: measured on a busy machine ({describe(result['load'])}): its reductions are "
+                "left out of the table and the figure; rerun it on a quiet machine"
             )
     frame = table(results)
     frame.loc[withheld(frame), ["reduction", "of_ideal"]] = np.nan  # a contended row's times are kept, marked

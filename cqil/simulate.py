@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .contention import contended
+from .contention import contended, describe
 from .errors import CqilError
 from .io import provenance, write_csv, write_json, write_markdown
 from .latency import result_setup
@@ -446,7 +446,10 @@ def run_simulate(settings: SimulateSettings, *, out_dir, latency=(), gpu_latency
     for path in latency:
         result = json.loads(Path(path).read_text())
         if contended(result):  # a busy machine's times would fit the machine's other work
-            print(f"cqil: warning: {path}: left out of the fit and the validation, measured on a busy machine")
+            print(
+                f"cqil: warning: {path}: left out of the fit and the validation, measured on a busy machine "
+                f"({describe(result['load'])})"
+            )
             continue
         by_model.setdefault(result["model"], []).append(result)
     by_model = {model: group for model, group in by_model.items() if any(r["engine"] == "original" for r in group)}
