@@ -86,9 +86,10 @@ def shift(old, new, relative: bool) -> float:
 
 def verdict(old: Measurement, new: Measurement, rule: Rule, level: float = 0.95, spread: float | None = None):
     """The verdict on one metric; `spread`: its standard deviation over earlier records (the history), if known."""
-    scale = abs(old.value) if rule.relative and old.value else 1.0  # relative to 0 is undefined: absolute then
+    relative = rule.relative and bool(old.value)  # relative to 0 is undefined: absolute then
+    scale = abs(old.value) if relative else 1.0
     p, noise = p_value(old, new, level, rule.timed, spread)
-    change = shift(old.samples, new.samples, scale != 1.0) if noise == "samples" else (new.value - old.value) / scale
+    change = shift(old.samples, new.samples, relative) if noise == "samples" else (new.value - old.value) / scale
     min_effect = max(rule.min_effect, 2 * spread / scale if spread else 0.0)
     if abs(change) <= min_effect:
         status = "unchanged"
