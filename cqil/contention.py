@@ -33,7 +33,8 @@ def busy_seconds(cores) -> float | None:
     except OSError:
         return None
     wanted = {f"cpu{core}" for core in cores}
-    ticks = [int(line.split()[1:][i]) for line in lines if line.split()[0] in wanted for i in BUSY]
+    rows = [line.split() for line in lines]
+    ticks = [int(row[1 + i]) for row in rows if row and row[0] in wanted for i in BUSY]
     return sum(ticks) / TICK if ticks else None
 
 

@@ -103,9 +103,9 @@ def decode_latency(
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     bandwidth, name = peak_bandwidth(device)
     floor_ms = 1e3 * weights / bandwidth if bandwidth else None
+    graphs = {"mode": "reduce-overhead"} if backend == "inductor" else {}  # CUDA graphs: inductor's option
     records = []
     for mode in modes:
-        graphs = {"mode": "reduce-overhead"} if backend == "inductor" else {}  # CUDA graphs: inductor's option
         step = torch.compile(model, backend=backend, fullgraph=True, **graphs) if mode == "compiled" else None
         seconds = [decode_seconds(model, prompt, new_tokens, mode, step) for _ in range(1 + repeats)][1:]
         summary = stats(seconds)
