@@ -47,12 +47,18 @@ DEFAULT_RULES = {  # metric kind -> which way is better, and the smallest change
     "acc": Rule("higher", 2.0, False),  # accuracy in points (quality.csv)
     "acc_norm": Rule("higher", 2.0, False),
     "word_perplexity": Rule("lower", 0.05),
-    "ms": Rule("lower", 0.05, timed=True),  # a latency's median
-    "reduction": Rule("higher", 0.05, False, timed=True),
+    "ms": Rule("lower", 0.05, timed=True, drifts=True),  # a latency's median: judged by the history's spread
+    "ratio": Rule("lower", 0.05, timed=True),  # its latency over the same repeat's original's: by its repeats
+    "reduction": Rule("higher", 0.05, False, timed=True),  # 1 - ratio of medians: by the history's spread
     "plans_per_minute": Rule("higher", 0.20, timed=True),
     "seconds": Rule("lower", 0.50, timed=True),  # a stage's wall time, measured once per run
 }
 FINGERPRINT = ("cpu", "cores", "gpu", "gpus")  # what makes two machines the same machine for timings
+
+
+def kind(name: str) -> str:
+    """A metric's kind, the last part of its name (`.../prefill-512/ms` -> `ms`): which rule judges it."""
+    return name.rsplit("/", 1)[-1]
 
 
 @dataclass(frozen=True)
@@ -83,16 +89,12 @@ class TrackSettings:
 
 
 def latency_measurements(model: str, results: list[dict]) -> tuple[dict[str, Measurement], set[str]]:
-    """Each latency's median and repeats (`.../ms`) and its reduction against the 1-thread original, with one
-    sample per repeat: against the same repeat's interleaved baseline, else against the original's median.
-    Also the names that rest on a result measured on a busy machine (their own, or the original's)."""
+    """Each latency's median and repeats (`.../ms`), its reduction against the 1-thread original and, where each
+    repeat was timed beside one of the original (interleaved), their `ratio` with a sample per repeat: a
+    same-run ratio, in which the machine's drift between runs cancels. Also the names that rest on a result
+    measured on a busy machine (their own, or the original's)."""
     found, busy, frame = {}, set(), table(results)  # table's rows follow the results' records in order
     pairs = [(result, record) for result in results for record in result["records"]]
-    own = {
-        (r["phase"], r["tokens"], r["batch_size"]): np.median(r["samples_ms"])
-        for result, r in pairs
-        if result["engine"] == "original" and r["threads"] == 1
-    }
     for (result, record), row, unsure in zip(pairs, frame.itertuples(), withheld(frame)):
         name = f"{model}/latency/{row.setup}/{row.phase}-{row.tokens}"
         samples = np.asarray(record["samples_ms"])
@@ -100,10 +102,11 @@ def latency_measurements(model: str, results: list[dict]) -> tuple[dict[str, Mea
         busy |= {f"{name}/ms"} if row.contended else set()
         if (result["engine"] == "original" and record["threads"] == 1) or row.reduction != row.reduction:
             continue  # the baseline itself, or no baseline (NaN)
+        found[f"{name}/reduction"] = Measurement(float(row.reduction))
         paired = np.asarray(record.get("baseline_samples_ms", []))
-        base = paired if len(paired) == len(samples) else own[(row.phase, row.tokens, row.batch_size)]
-        found[f"{name}/reduction"] = Measurement(float(row.reduction), tuple((1 - samples / base).tolist()))
-        busy |= {f"{name}/reduction"} if unsure else set()
+        if len(paired) == len(samples):
+            found[f"{name}/ratio"] = Measurement(1 - float(row.reduction), tuple((samples / paired).tolist()))
+        busy |= {f"{name}/reduction", f"{name}/ratio"} if unsure else set()
     return found, busy
 
 
@@ -258,7 +261,7 @@ def compare(new: dict, old: dict, settings: TrackSettings, history: list[dict] =
     rows = []
     for name in sorted(set(new["metrics"]) | set(old["metrics"])):
         before, after = measurement(old, name), measurement(new, name)
-        rule = settings.rule(name.rsplit("/", 1)[-1])
+        rule = settings.rule(kind(name))
         judged = None
         if before is None or after is None or rule is None or name in busy:
             status = (
@@ -357,11 +360,10 @@ def benchmark_json(entry: dict, settings: TrackSettings) -> dict[str, list[dict]
     """The record in github-action-benchmark's custom formats: {tool: [{name, unit, value}]}."""
     out = {"customSmallerIsBetter": [], "customBiggerIsBetter": []}
     for name, value in sorted(entry["metrics"].items()):
-        kind = name.rsplit("/", 1)[-1]
-        rule = settings.rule(kind)
+        rule = settings.rule(kind(name))
         if rule and name not in entry.get("contended", ()):
             tool = "customSmallerIsBetter" if rule.direction == "lower" else "customBiggerIsBetter"
-            out[tool].append({"name": name, "unit": kind, "value": value, "extra": f"git {entry['git']}"})
+            out[tool].append({"name": name, "unit": kind(name), "value": value, "extra": f"git {entry['git']}"})
     return out
 
 
@@ -417,7 +419,7 @@ def run_track(
         return 0
     if action == "dashboard":
         shown = [*pool, records[-1]]
-        rules = {name: rule for name in records[-1]["metrics"] if (rule := settings.rule(name.rsplit("/", 1)[-1]))}
+        rules = {name: rule for name in records[-1]["metrics"] if (rule := settings.rule(kind(name)))}
         text, charts = page(shown, rules)
         out = Path(out or "results/dashboard.html")
         with atomic(out) as tmp:

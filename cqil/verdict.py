@@ -6,15 +6,17 @@
 A metric moved when its change is larger than the rule's minimum effect (what a user cares about) *and*
 larger than the noise of the measurement (what the machine makes up). The noise comes from what the
 records carry, first that applies:
-- samples (the repeats of a latency): a two-sided Mann-Whitney U test of the two sets of repeats; it
-  assumes no distribution, and one slow repeat cannot decide it. The change is then its companion estimate,
-  the Hodges-Lehmann shift (the median of all new/old pairwise ratios, or differences), which is steadier than
-  the difference of two medians of 5;
+- samples (the repeats of a same-run ratio, a latency reduction against its interleaved baseline): a two-sided
+  Mann-Whitney U test of the two sets of repeats; it assumes no distribution, and one slow repeat cannot decide
+  it. The change is then its companion estimate, the Hodges-Lehmann shift (the median of all new/old pairwise
+  ratios, or differences), which is steadier than the difference of two medians of 5. Not for a rule that
+  `drifts` (a raw latency in ms): its repeats in one run agree closely while two runs on this VM differ by
+  15-39%, so a test of one run's repeats against another's calls that drift a change;
 - an interval (quality: a bootstrap interval over questions): a z-test of the difference, each standard
   error read off its interval as (high - low) / (2 z);
-- neither, for a timing (a rule with `timed`: a wall time measured once, a latency of one repeat): the history's
-  spread, where it has 3 or more comparable records, as the noise of each value (a z-test); without it the
-  change cannot be told from noise and is at most *inconclusive*;
+- neither (or a rule that drifts), for a timing (a rule with `timed`: a wall time measured once, a raw latency):
+  the history's spread, where it has 3 or more comparable records, as the noise of each value (a z-test);
+  without it the change cannot be told from noise and is at most *inconclusive*;
 - neither, for a computed value (held-out KL on fixed blocks): it is exact, and a change beyond the minimum
   effect counts.
 The history can raise the minimum effect to twice the metric's spread over the last records of the same
@@ -39,6 +41,7 @@ class Rule:
     min_effect: float  # the smallest change ever called, either way ...
     relative: bool = True  # ... as a fraction of the old value, or in the metric's own units
     timed: bool = False  # a timing: never exact, so without repeats or history it is at most inconclusive
+    drifts: bool = False  # its repeats in one run do not see the run-to-run drift: judged by the history only
 
 
 @dataclass(frozen=True)
@@ -58,17 +61,17 @@ class Verdict:
 
 
 def p_value(
-    old: Measurement, new: Measurement, level: float, timed: bool = False, spread: float | None = None
+    old: Measurement, new: Measurement, level: float, rule: Rule, spread: float | None = None
 ) -> tuple[float | None, str]:
     """Two-sided p-value of new against old, and which noise it rests on (None: an exact value)."""
-    if len(old.samples) >= 2 and len(new.samples) >= 2:
+    if len(old.samples) >= 2 and len(new.samples) >= 2 and not rule.drifts:
         return float(stats.mannwhitneyu(new.samples, old.samples, alternative="two-sided").pvalue), "samples"
     if old.interval and new.interval:
         z = stats.norm.ppf(0.5 + level / 2)
         se = np.hypot(*[(high - low) / (2 * z) for low, high in (old.interval, new.interval)])
         if se > 0:
             return float(2 * stats.norm.sf(abs(new.value - old.value) / se)), "interval"
-    if not timed:
+    if not rule.timed:
         return None, "exact"
     if spread:  # each value as noisy as the history's values
         return float(2 * stats.norm.sf(abs(new.value - old.value) / (spread * np.sqrt(2)))), "history"
@@ -88,7 +91,7 @@ def verdict(old: Measurement, new: Measurement, rule: Rule, level: float = 0.95,
     """The verdict on one metric; `spread`: its standard deviation over earlier records (the history), if known."""
     relative = rule.relative and bool(old.value)  # relative to 0 is undefined: absolute then
     scale = abs(old.value) if relative else 1.0
-    p, noise = p_value(old, new, level, rule.timed, spread)
+    p, noise = p_value(old, new, level, rule, spread)
     change = shift(old.samples, new.samples, relative) if noise == "samples" else (new.value - old.value) / scale
     min_effect = max(rule.min_effect, 2 * spread / scale if spread else 0.0)
     if abs(change) <= min_effect:
