@@ -8,7 +8,8 @@ layer's MLP input ("bypassing"), in the paper's form or the official code's form
     paper:    delta_k = A_k + MLP_k(norm(x + A_k + B_k))
     official: delta_k = A_k + B_k + MLP_k(norm(x + A_k + B_k))      (B_k counted in the residual too)
 
-The name is also the artifact path component; the official mode appends `-official`.
+The name is also the artifact path component; the official mode appends `-official`. The official README
+names plans in the same convention: `Plan.from_paper("P2 D0 S12 E30")` is `S12-E30-P2-D0`.
 
 LP's pairing (Fan et al., "Leveraging the true depth of LLMs", code noctrog/effective-depth) is a third
 mode, `S16-E28-P2-LP`: every MLP of a group reads all of the group's attention outputs, not only earlier ones,
@@ -40,6 +41,7 @@ from .errors import PlanError
 BYPASS_MODES = ("paper", "official", "lp")
 _NAME = re.compile(r"S(\d+)-E(\d+)-P(\d+)-(?:D(\d+)(?:-(paper|official))?|(LP))")
 _PRUNE = re.compile(r"drop((?:-\d+)+)")
+_PAPER_FIELD = re.compile(r"([PDSE])(\d+)")  # one field of an official name: P2, D0, S12, E30
 ENGINES = ("original", "cqil", "tp", "pruned")
 
 
@@ -94,14 +96,25 @@ class Plan:
 
     @classmethod
     def from_paper(cls, name: str) -> Plan:
-        """Convert the paper's 1-indexed names: its S13-E30 is layers 13..30 counted from 1, our S12-E30.
+        """A plan as the official README and adapter names write it: `P2 D0 S12 E30` is our `S12-E30-P2-D0`.
 
-        A 1-indexed inclusive end equals a 0-indexed exclusive end, so only S moves.
+        The official README counts layers from 0 with an exclusive end, as we do, so the numbers carry over (its
+        revisions before commit 1ed3d8d wrote S13 for the same plan). `D` may be left out (`P4 S14 E30`: D0). The
+        official code counts the bypassed attention outputs in the residual too, so a D >= 1 plan comes back in
+        the `official` mode (`S12-E30-P2-D1-official`), the arithmetic its adapter was trained with.
         """
-        s, e, p, d, mode = cls._fields(name)
-        if s == 0:
-            raise PlanError(f"plan {name!r}: 1-indexed names start at layer 1, got S0")
-        return cls(s - 1, e, p, d, mode)
+        fields = {}
+        for token in name.split():
+            match = _PAPER_FIELD.fullmatch(token)
+            if not match or match[1] in fields:
+                raise PlanError(
+                    f"plan {name!r}: expected the official form P2 D0 S12 E30 (P, S and E once each, D optional; "
+                    f"0-indexed, end exclusive)"
+                )
+            fields[match[1]] = int(match[2])
+        if missing := [key for key in "PSE" if key not in fields]:
+            raise PlanError(f"plan {name!r}: needs {', '.join(missing)} (the official form P2 D0 S12 E30)")
+        return cls(fields["S"], fields["E"], fields["P"], fields.get("D", 0), "official")
 
     def validate(self, num_layers: int) -> Plan:
         """Check the plan fits a model of `num_layers` decoder layers; returns the plan."""

@@ -48,12 +48,28 @@ def test_validate_against_layer_count():
         Plan(12, 32, 2).validate(30)
 
 
-def test_paper_names_are_one_indexed():
-    # The official README's S13-E30 (1-indexed, inclusive) is layers 12..29, our S12-E30.
-    assert Plan.from_paper("S13-E30-P2-D0") == Plan(12, 30, 2, 0)
-    assert Plan.from_paper("S15-E30-P4-D0") == Plan(14, 30, 4, 0)
-    with pytest.raises(PlanError, match="start at layer 1"):
-        Plan.from_paper("S0-E30-P2-D0")
+def test_official_names_are_zero_indexed_end_exclusive():
+    # The official README's "P2 D0 S12 E30" (and its released adapters) is layers 12..29 in pairs: our S12-E30-P2-D0.
+    assert Plan.from_paper("P2 D0 S12 E30") == Plan.parse("S12-E30-P2-D0")
+    assert Plan.from_paper("P4 S14 E30") == Plan(14, 30, 4, 0)  # D left out: D0
+    assert Plan.from_paper("S17 E37 P2 D0").ideal_reduction(40) == Plan(17, 37, 2).ideal_reduction(40)  # Qwen1.5-14B
+    # its D1 adapter was trained with the official code's arithmetic (bypassed outputs in the residual too)
+    assert str(Plan.from_paper("P2 D1 S12 E30")) == "S12-E30-P2-D1-official"
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("S13-E30-P2-D0", "expected the official form P2 D0 S12 E30"),
+        ("P2 P4 S12 E30", "expected the official form P2 D0 S12 E30"),
+        ("P2 D0 S12", "needs E (the official form P2 D0 S12 E30)"),
+        ("P2 D2 S12 E30", "D=2 must satisfy 0 <= D < P=2"),
+    ],
+)
+def test_bad_official_names_fail_with_one_line(name, message):
+    with pytest.raises(PlanError) as err:
+        Plan.from_paper(name)
+    assert message in str(err.value) and "\n" not in str(err.value)
 
 
 def test_groups_steps_and_ideal_reduction():
