@@ -15,7 +15,7 @@ import platform
 import subprocess
 import tempfile
 from datetime import datetime, timezone
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 
@@ -81,6 +81,15 @@ def settings_hash(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def installed_version(name: str) -> str:
+    """The installed distribution's version; "not installed" when the code runs from a checkout on PYTHONPATH
+    (a machine whose image we cannot install into must still write its records)."""
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"
+
+
 def provenance(settings: dict, plan=None) -> dict:
     """Where an artifact came from: its settings (and their hash), plan, code and machine."""
     return {
@@ -89,7 +98,7 @@ def provenance(settings: dict, plan=None) -> dict:
         "settings_hash": settings_hash(settings),
         "plan": str(plan) if plan else None,
         "git": git_sha(),
-        "versions": {name: version(name) for name in ("cqil", "torch", "transformers", "peft")},
+        "versions": {name: installed_version(name) for name in ("cqil", "torch", "transformers", "peft")},
         "machine": machine(),
     }
 
