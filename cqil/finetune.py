@@ -11,10 +11,14 @@ cross-entropy, or `kd+lm`. A plain loop over accelerate (one CPU, one GPU, or se
 `torchrun` / `accelerate launch`, where each rank takes its slice of every micro-batch and DDP averages
 the gradients).
 
-Resumable: every `save_every` steps the adapters, optimizer, scheduler and RNG states are saved with
-`accelerator.save_state` (to a temporary folder, then renamed); a new call with the same `out_dir`
-continues from there, and the batch order is a pure function of (seed, step), so an interrupted and
-resumed run ends with the same adapter as an uninterrupted one.
+Each process computes on accelerate's device (`cuda:LOCAL_RANK` where CUDA is present), where the stage
+loads the model.
+
+Resumable: every `save_every` steps the adapter (the trainable LoRA weights), optimizer, scheduler and RNG
+states are saved with `accelerator.save_state` (to a temporary folder, then renamed), without the base
+weights, which a resume has already loaded with the model; a new call with the same `out_dir` continues
+from there, and the batch order is a pure function of (seed, step), so an interrupted and resumed run ends
+with the same adapter as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -31,9 +35,10 @@ from pathlib import Path
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
 from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
@@ -50,6 +55,8 @@ from .transform import apply_plan, planned
 LOSSES = ("kd", "lm", "kd+lm")
 KD_REDUCTIONS = ("token", "official")
 ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DEVICES = ("auto", "cpu", "cuda")
+ADAPTER_STATE = "adapter.safetensors"  # the trainable weights in a resumable checkpoint
 
 
 @dataclass(frozen=True)
@@ -156,10 +163,20 @@ def _epoch_order(n_blocks: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n_blocks, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
 
 
-def _mixed_precision(choice: str) -> str:
+def _on_cpu(device: str) -> bool:
+    """Whether this process trains on the CPU: `device` cpu, or auto without CUDA; otherwise accelerate puts it
+    on `cuda:LOCAL_RANK`."""
+    if device not in DEVICES:
+        raise CqilError(f"device: {device!r} is not one of {', '.join(DEVICES)}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise CqilError("device: cuda, but this process sees no CUDA device")
+    return device == "cpu" or not torch.cuda.is_available()
+
+
+def _mixed_precision(choice: str, on_cpu: bool) -> str:
     if choice != "auto":
         return choice
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return "bf16" if not on_cpu and torch.cuda.is_bf16_supported() else "no"
 
 
 def finetune(
@@ -170,6 +187,7 @@ def finetune(
     out_dir,
     eval_blocks: torch.Tensor | None = None,
     checkpoint_dir=None,
+    device: str = "auto",
 ) -> dict:
     """Fine-tune LoRA adapters for `plan`; writes `out_dir`/adapter (peft format) and losses.csv.
 
@@ -177,9 +195,8 @@ def finetune(
     """
     out_dir = Path(out_dir)
     checkpoint = Path(checkpoint_dir or out_dir / "checkpoint")
-    accelerator = Accelerator(
-        mixed_precision=_mixed_precision(settings.mixed_precision), cpu=not torch.cuda.is_available()
-    )
+    on_cpu = _on_cpu(device)
+    accelerator = Accelerator(mixed_precision=_mixed_precision(settings.mixed_precision, on_cpu), cpu=on_cpu)
     set_seed(settings.seed)
     apply_plan(model, plan)
     student = get_peft_model(model, lora_config(plan, len(decoder_layers(model)), settings))
@@ -193,6 +210,7 @@ def finetune(
     student, optimizer = accelerator.prepare(student, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     inner = accelerator.unwrap_model(student)
+    _checkpoint_the_adapter_only(accelerator, inner)
 
     losses_path = out_dir / "losses.csv"
     start = 0
@@ -280,6 +298,41 @@ def _save_checkpoint(accelerator, checkpoint: Path, step: int, rows: list[dict],
     accelerator.wait_for_everyone()
 
 
+def _checkpoint_the_adapter_only(accelerator, student) -> None:
+    """Make `save_state` write the trainable weights instead of the whole model (13-65 GB for 7B-33B), and
+    `load_state` read them back: the base weights never change, and every rank has loaded them already."""
+    trainable = {name: p for name, p in student.named_parameters() if p.requires_grad}
+
+    def save(models, weights, output_dir):
+        weights.clear()
+        if accelerator.is_main_process:
+            save_file({name: p.detach() for name, p in trainable.items()}, Path(output_dir) / ADAPTER_STATE)
+
+    def load(models, input_dir):
+        models.clear()
+        _load_trainable(trainable, Path(input_dir) / ADAPTER_STATE)
+
+    accelerator.register_save_state_pre_hook(save)
+    accelerator.register_load_state_pre_hook(load)
+
+
+def _load_trainable(trainable: dict, path: Path) -> None:
+    if not path.exists():
+        raise CqilError(
+            f"finetune checkpoint {path.parent}: no {path.name} (a checkpoint of an older cqil, with the whole "
+            f"model); delete the folder to start over"
+        )
+    state = load_file(path)
+    if {name: t.shape for name, t in state.items()} != {name: p.shape for name, p in trainable.items()}:
+        raise CqilError(
+            f"finetune checkpoint {path.parent}: its adapter does not match these settings (lora_r, lora_layers, "
+            f"target_modules); delete the folder to start over"
+        )
+    with torch.no_grad():
+        for name, p in trainable.items():
+            p.copy_(state[name])
+
+
 def _save_adapter(student, target: Path) -> None:
     staged = target.with_name(target.name + ".tmp")
     shutil.rmtree(staged, ignore_errors=True)
@@ -298,13 +351,15 @@ def run_finetune(
     summary,
     dtype: str = "auto",
     figure=None,
+    device: str = "auto",
 ) -> None:
     """The stage: fine-tune `plan`'s adapters (resuming from `out_dir`'s checkpoint), write the summary JSON
-    and, with `figure`, the loss curve."""
-    import pandas as pd
-
+    and, with `figure`, the loss curve. The model is loaded straight onto the device accelerate gives this
+    process (`device` auto: `cuda:LOCAL_RANK` where CUDA is present, else the CPU)."""
+    on = PartialState(cpu=_on_cpu(device)).device
     blocks, held_out = load_split(corpus, settings.split), load_split(corpus, settings.eval_split)
-    found = finetune(load_model(model, dtype=dtype)[0], plan, blocks, settings, out_dir, eval_blocks=held_out)
+    student = load_model(model, dtype=dtype, device=str(on))[0]
+    found = finetune(student, plan, blocks, settings, out_dir, eval_blocks=held_out, device=device)
     write_json(
         summary,
         found | {"provenance": provenance({"model": model, "dtype": dtype, "settings": asdict(settings)}, plan)},

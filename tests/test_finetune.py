@@ -1,4 +1,5 @@
-"""LoRA + KD fine-tuning on tiny models: the loss, one step, and resume after a real kill."""
+"""LoRA + KD fine-tuning on tiny models: the loss, one step, adapter-only checkpoints and resume after a real
+kill."""
 
 import json
 import os
@@ -15,7 +16,14 @@ from safetensors.torch import load_file
 
 from cqil import Plan, apply_plan
 from cqil.errors import CqilError
-from cqil.finetune import FinetuneSettings, finetune, lora_config, micro_batch, student_loss
+from cqil.finetune import (
+    FinetuneSettings,
+    finetune,
+    lora_config,
+    micro_batch,
+    run_finetune,
+    student_loss,
+)
 
 IDS = torch.randint(3, 96, (4, 16), generator=torch.Generator().manual_seed(0))
 
@@ -73,6 +81,26 @@ def test_bad_settings(settings, message):
         FinetuneSettings(**settings)
 
 
+def test_bad_device(tmp_path):
+    with pytest.raises(CqilError, match=re.escape("device: 'tpu' is not one of auto, cpu, cuda")):
+        run_finetune(
+            FinetuneSettings(),
+            model="random:llama-135m",
+            plan=Plan.parse("S2-E6-P2-D0"),
+            corpus=tmp_path / "corpus.pt",
+            out_dir=tmp_path,
+            summary=tmp_path / "summary.json",
+            device="tpu",
+        )
+
+
+def test_resume_refuses_a_checkpoint_of_other_lora_settings(tmp_path):
+    plan = Plan.parse("S2-E6-P2-D0")
+    finetune(tiny_model(dtype=torch.float32), plan, IDS, FinetuneSettings(steps=1, batch_size=2, lora_r=2), tmp_path)
+    with pytest.raises(CqilError, match=re.escape("its adapter does not match these settings (lora_r, lora_layers")):
+        finetune(tiny_model(dtype=torch.float32), plan, IDS, FinetuneSettings(steps=2, batch_size=2), tmp_path)
+
+
 def test_resume_after_a_kill_reaches_the_same_adapter(tiny_dir, tmp_path):
     torch.save(
         {"finetune": torch.randint(3, 96, (12, 16), generator=torch.Generator().manual_seed(1)), "test": IDS},
@@ -121,6 +149,21 @@ def test_resume_after_a_kill_reaches_the_same_adapter(tiny_dir, tmp_path):
         torch.testing.assert_close(resumed[name], straight[name], rtol=1e-5, atol=1e-6)
     losses = (tmp_path / "killed" / "losses.csv").read_text().splitlines()
     assert len(losses) == 401 and losses == (tmp_path / "straight" / "losses.csv").read_text().splitlines()
+    # The checkpoint holds the adapter, AdamW's two moments of it, the scheduler and the RNG state, not the model.
+    checkpoint = tmp_path / "killed" / "checkpoint"
+    sizes = {path.name: path.stat().st_size for path in checkpoint.iterdir()}
+    assert set(sizes) == {
+        "adapter.safetensors",
+        "optimizer.bin",
+        "custom_checkpoint_0.pkl",  # the scheduler
+        "random_states_0.pkl",
+        "step.json",
+    }
+    adapter = sum(t.numel() * t.element_size() for t in resumed.values())
+    kept = load_file(checkpoint / "adapter.safetensors")
+    assert sum(t.numel() * t.element_size() for t in kept.values()) == adapter and len(kept) == len(resumed)
+    assert sizes["optimizer.bin"] < 3 * adapter
+    assert sum(sizes.values()) < sum(path.stat().st_size for path in tiny_dir.glob("*.safetensors")) / 2
 
 
 def test_two_processes_match_one(tiny_dir, tmp_path):
