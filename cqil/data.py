@@ -1,8 +1,9 @@
 """Token blocks for calibration, search, fine-tuning and test: disjoint and deterministic.
 
     corpus, summary = build_corpus("smollm2-135m", CorpusSettings(source="generate"))
-    corpus["search"]   # LongTensor (blocks, block_size)
+    corpus["search"]   # (blocks, block_size), uint16 (or int32 for a vocabulary over 65,536 ids)
     run_corpus(CorpusSettings(), model="smollm2-135m", out="corpus.pt", summary="corpus.json")   # the stage
+    load_split("corpus.pt", "search")   # LongTensor (blocks, block_size), read from the memory-mapped file
 
 Sources of text:
 - `generate` (the offline default): documents written by the model itself, sampled with a fixed seed
@@ -13,7 +14,11 @@ Sources of text:
 - `hub`: a Hugging Face dataset, streamed (needs network; the paper config).
 
 Documents are packed in order into the splits (calibration, search, finetune, test): each split takes
-whole documents until it has its blocks, so no document is shared by two splits.
+whole documents until it has its blocks, so no document is shared by two splits. The tokens go straight
+into one preallocated array per split in the narrowest integer type of the vocabulary (2 bytes a token for
+LLaMA's), never into Python lists, which cost tens of bytes a token. The corpus file is a torch file of
+those arrays, read memory-mapped: a process touches only the split it reads, and the processes of one
+machine (the ranks of a fine-tuning job) share its pages.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -116,18 +122,42 @@ class CorpusSettings:
             raise CqilError("corpus.hub_path: source=hub needs a dataset id")
 
 
-def pack(documents: list[list[int]], settings: CorpusSettings) -> dict[str, torch.Tensor] | None:
-    """Fill the splits in order with whole documents; None if the documents are too few."""
-    docs, out = iter(documents), {}
-    for split in SPLITS:
-        need, tokens = settings.blocks[split] * settings.block_size, []
-        while len(tokens) < need:
-            doc = next(docs, None)
-            if doc is None:
-                return None
-            tokens += doc
-        out[split] = torch.tensor(tokens[:need], dtype=torch.long).view(-1, settings.block_size)
-    return out
+def token_dtype(vocab: int) -> np.dtype:
+    """The narrowest type that holds ids 0 .. vocab-1: uint16, else int32 (torch has few uint32 kernels)."""
+    return np.dtype(np.uint16) if vocab <= 2**16 else np.dtype(np.int32)
+
+
+class Packer:
+    """Fills the splits in order with whole documents, one document at a time, into preallocated arrays.
+
+    A split takes documents until it has its tokens; the document that fills it is cut there and the rest
+    of it dropped, so the next split starts with a new document and no document is shared by two splits.
+    """
+
+    def __init__(self, settings: CorpusSettings, dtype: np.dtype):
+        self.blocks = {s: np.empty((settings.blocks[s], settings.block_size), dtype) for s in SPLITS}
+        self._flat = [b.reshape(-1) for b in self.blocks.values()]  # views: filling them fills the blocks
+        self._split, self._filled = 0, 0
+        self._skip_full()
+
+    @property
+    def full(self) -> bool:
+        return self._split == len(SPLITS)
+
+    def add(self, document: list[int]) -> int:
+        """Place one document (nothing once every split is full); returns the tokens it placed."""
+        if self.full:
+            return 0
+        flat = self._flat[self._split]
+        take = min(len(document), len(flat) - self._filled)
+        flat[self._filled : self._filled + take] = document[:take]
+        self._filled += take
+        self._skip_full()
+        return take
+
+    def _skip_full(self) -> None:  # so that the current split always has room (a split of 0 blocks has none)
+        while not self.full and self._filled == len(self._flat[self._split]):
+            self._split, self._filled = self._split + 1, 0
 
 
 def _file_documents(settings: CorpusSettings):
@@ -184,24 +214,25 @@ def build_corpus(model_spec: str, settings: CorpusSettings) -> tuple[dict[str, t
     else:
         tokenizer = load_tokenizer(model_spec)
         texts = _file_documents(settings) if settings.source == "files" else _hub_documents(settings)
+    packer = Packer(settings, token_dtype(max(tokenizer.get_vocab().values()) + 1))
     needed = sum(settings.blocks.values()) * settings.block_size
-    documents, samples, blocks, have = [], [], None, 0
+    documents, samples, have = 0, [], 0
     with tqdm(total=needed, desc=f"corpus ({settings.source})", unit="tok") as bar:
         for text in texts:
             ids = tokenizer(text + "\n\n", add_special_tokens=False)["input_ids"]
-            documents.append(ids)
-            have += len(ids)
+            documents, have = documents + 1, have + len(ids)
             samples += [text[:400]] if len(samples) < 3 else []
-            bar.update(min(len(ids), bar.total - bar.n))
-            if have >= needed and (blocks := pack(documents, settings)):
+            bar.update(packer.add(ids))
+            if packer.full:
                 break
-    if blocks is None:
+    if not packer.full:
         raise CqilError(
-            f"corpus: the {settings.source} source gave {len(documents)} documents, {have} tokens; "
+            f"corpus: the {settings.source} source gave {documents} documents, {have} tokens; "
             f"the blocks need {needed} tokens of whole documents"
         )
+    blocks = {s: torch.from_numpy(b) for s, b in packer.blocks.items()}
     summary = {
-        "documents": len(documents),
+        "documents": documents,
         "tokens": {s: blocks[s].numel() for s in SPLITS},
         "blocks": {s: len(blocks[s]) for s in SPLITS},
         "samples": samples,
@@ -217,10 +248,16 @@ def run_corpus(settings: CorpusSettings, *, model: str, out, summary) -> None:
     write_json(summary, found | {"provenance": provenance({"model": model, "settings": asdict(settings)})})
 
 
-def load_split(corpus, split: str) -> torch.Tensor:
-    """One split's blocks (B, T) of a corpus file written by `run_corpus`."""
+def open_split(corpus, split: str) -> torch.Tensor:
+    """One split's blocks (B, T) of a corpus file written by `run_corpus`, as stored (uint16 or int32) and
+    memory-mapped: no copy is read until a batch is indexed, so take `.long()` of each batch."""
     if split not in SPLITS:
         raise CqilError(f"split {split!r}: allowed are {', '.join(SPLITS)}")
     if not Path(corpus).is_file():
         raise CqilError(f"--corpus {str(corpus)!r}: file not found (run `cqil corpus` first)")
-    return torch.load(corpus)[split]
+    return torch.load(corpus, mmap=True)[split]
+
+
+def load_split(corpus, split: str) -> torch.Tensor:
+    """One split's blocks (B, T) as a LongTensor: the model's input ids. Only this split is read."""
+    return open_split(corpus, split).long()

@@ -1,26 +1,138 @@
-"""Corpus blocks: whole documents per split, disjoint splits, deterministic builds, clear errors."""
+"""Corpus blocks: whole documents per split, disjoint splits, deterministic builds, compact files, clear errors."""
 
 import json
+import random
+import tracemalloc
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import ROOT, SHARED_DATA
 
-from cqil.data import SPLITS, CorpusSettings, build_corpus, pack
+from cqil.data import SPLITS, CorpusSettings, Packer, build_corpus, load_split, open_split, run_corpus, token_dtype
 from cqil.errors import CqilError
+from cqil.models import load_tokenizer
 
 SMALL = {"calibration": 2, "search": 1, "finetune": 3, "test": 2}
 
 
+def list_pack(documents: list[list[int]], settings: CorpusSettings) -> dict[str, torch.Tensor] | None:
+    """The packing as it was done before the arrays (Python lists, git 08188f0): the reference they must match."""
+    docs, out = iter(documents), {}
+    for split in SPLITS:
+        need, tokens = settings.blocks[split] * settings.block_size, []
+        while len(tokens) < need:
+            doc = next(docs, None)
+            if doc is None:
+                return None
+            tokens += doc
+        out[split] = torch.tensor(tokens[:need], dtype=torch.long).view(-1, settings.block_size)
+    return out
+
+
+def pack(documents, settings: CorpusSettings, dtype=np.uint16) -> tuple[dict[str, np.ndarray], int] | None:
+    """The Packer driven as build_corpus drives it: (blocks, documents read), or None if they are too few."""
+    packer = Packer(settings, np.dtype(dtype))
+    for read, document in enumerate(documents, 1):
+        packer.add(document)
+        if packer.full:
+            return packer.blocks, read
+    return None
+
+
 def test_pack_gives_each_split_whole_documents():
     documents = [[doc] * (3 + doc % 5) for doc in range(100)]  # document d is made of token d only
-    blocks = pack(documents, CorpusSettings(block_size=8, blocks=SMALL))
-    assert {s: tuple(b.shape) for s, b in blocks.items()} == {s: (n, 8) for s, n in SMALL.items()}
-    owners = [set(blocks[s].unique().tolist()) for s in SPLITS]
+    blocks, _ = pack(documents, CorpusSettings(block_size=8, blocks=SMALL))
+    assert {s: b.shape for s, b in blocks.items()} == {s: (n, 8) for s, n in SMALL.items()}
+    owners = [set(np.unique(blocks[s]).tolist()) for s in SPLITS]
     for i in range(len(owners)):
         for j in range(i):
             assert not owners[i] & owners[j]  # no document is shared by two splits
     assert pack(documents[:5], CorpusSettings(block_size=8, blocks=SMALL)) is None
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_arrays_give_the_blocks_of_the_list_packing(seed):
+    """Same blocks, same order, and the same documents read (the build stops at the first prefix that fills)."""
+    rng = random.Random(seed)
+    settings = CorpusSettings(block_size=rng.choice([4, 8, 16]), blocks={s: rng.randint(1, 4) for s in SPLITS})
+    # lengths around a block, some exactly one: a document that ends a split exactly must not spill
+    lengths = [rng.choice([1, settings.block_size, rng.randint(1, 3 * settings.block_size)]) for _ in range(80)]
+    documents = [[rng.randrange(2**16) for _ in range(n)] for n in lengths]
+    found = pack(documents, settings)
+    first = next((k for k in range(len(documents) + 1) if list_pack(documents[:k], settings)), None)
+    if first is None:
+        assert found is None
+        return
+    blocks, read = found
+    assert read == first
+    expected = list_pack(documents, settings)
+    assert all(torch.equal(torch.from_numpy(blocks[s]).long(), expected[s]) for s in SPLITS)
+
+
+def test_build_gives_the_blocks_of_the_list_packing(tiny_dir, tmp_path):
+    """The whole build (tokenizer, documents, arrays) on a small text stream against the list packing."""
+    rng = random.Random(1)
+    lines = [" ".join(f"w{rng.randrange(92)}" for _ in range(rng.randint(1, 30))) for _ in range(200)]
+    path = tmp_path / "docs.txt"
+    path.write_text("\n".join(lines) + "\n")
+    settings = CorpusSettings(source="files", files=[str(path)], block_size=16, blocks=SMALL)
+    blocks, summary = build_corpus(str(tiny_dir), settings)
+    tokenizer = load_tokenizer(str(tiny_dir))
+    documents = [tokenizer(line + "\n\n", add_special_tokens=False)["input_ids"] for line in lines]
+    expected = list_pack(documents[: summary["documents"]], settings)
+    assert all(torch.equal(blocks[s].long(), expected[s]) for s in SPLITS)
+    assert list_pack(documents[: summary["documents"] - 1], settings) is None  # it read no document too many
+
+
+@pytest.mark.parametrize(
+    "vocab, dtype", [(96, np.uint16), (32000, np.uint16), (2**16, np.uint16), (2**16 + 1, np.int32), (152064, np.int32)]
+)
+def test_token_dtype_is_the_narrowest_that_holds_the_vocabulary(vocab, dtype):
+    assert token_dtype(vocab) == np.dtype(dtype)
+    assert np.array([vocab - 1], dtype=token_dtype(vocab))[0] == vocab - 1
+
+
+def test_the_corpus_file_is_compact_and_read_memory_mapped(tiny_dir, tmp_path):
+    path = tmp_path / "docs.txt"
+    path.write_text("".join(f"w{i % 92} w{(i + 1) % 92} w{(i + 2) % 92}\n" for i in range(200)))
+    out = tmp_path / "corpus.pt"
+    settings = CorpusSettings(source="files", files=[str(path)], block_size=8, blocks=SMALL)
+    run_corpus(settings, model=str(tiny_dir), out=out, summary=tmp_path / "corpus.json")
+    blocks = {s: open_split(out, s) for s in SPLITS}
+    assert {s: (b.dtype, tuple(b.shape)) for s, b in blocks.items()} == {
+        s: (torch.uint16, (n, 8)) for s, n in SMALL.items()
+    }
+    stored = sum(b.untyped_storage().nbytes() for b in blocks.values())
+    assert stored == 2 * 8 * sum(SMALL.values())  # 2 bytes a token, no wider copy behind the views
+    assert str(out.resolve()) in Path("/proc/self/maps").read_text()  # mapped from the file, not read into memory
+    ids = load_split(out, "finetune")
+    assert ids.dtype == torch.long and torch.equal(ids, blocks["finetune"].long())
+
+
+def heap_peak(model: str, path: Path, tokens: int) -> int:
+    """Python's heap at its peak (tracemalloc, which numpy reports to) while building `tokens` tokens from `path`."""
+    blocks = {"calibration": 1, "search": 1, "finetune": tokens // 256 - 3, "test": 1}
+    settings = CorpusSettings(source="files", files=[str(path)], block_size=256, blocks=blocks)
+    tracemalloc.start()
+    try:
+        built, _ = build_corpus(model, settings)
+        assert all(b.dtype == torch.uint16 for b in built.values())
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_the_build_holds_a_few_bytes_per_token(tiny_dir, tmp_path):
+    """What a token more costs at the peak: the arrays' 2 bytes, where lists of ids held a pointer (8 bytes) per
+    token and packing copied them once more. Two sizes, so the tokenizer and one document's ids cancel out."""
+    rng = random.Random(0)
+    path = tmp_path / "docs.txt"
+    path.write_text("".join(" ".join(f"w{rng.randrange(92)}" for _ in range(500)) + "\n" for _ in range(420)))
+    small, large = 256 * 400, 256 * 800
+    per_token = (heap_peak(str(tiny_dir), path, large) - heap_peak(str(tiny_dir), path, small)) / (large - small)
+    assert per_token < 4, f"{per_token:.1f} bytes a token at the peak"
 
 
 @pytest.mark.parametrize(
