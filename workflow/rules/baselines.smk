@@ -15,12 +15,14 @@ checkpoint baselines:
     resources:
         **job_resources("baselines"),
     params:
+        env=hub_env("baselines"),
         spec=spec,
         dtype=dtype,
         settings=settings("baselines"),
     shell:
-        "cqil --threads {threads} baselines --settings {params.settings} --model {params.spec:q} --dtype {params.dtype}"
-        " --corpus {input.corpus} --selected {input.selected} --out {output} > {log} 2>&1"
+        "{params.env}cqil --threads {threads} baselines --settings {params.settings}"
+        " --model {params.spec:q} --dtype {params.dtype} --corpus {input.corpus} --selected {input.selected}"
+        " --out {output} > {log} 2>&1"
 
 
 # The quality table of the compared variants (as the `quality` rule's, on their evaluations), then the comparison.

@@ -7,7 +7,7 @@ from pathlib import Path
 from cqil.baselines import BaselinesSettings
 from cqil.config import check_config
 from cqil.errors import CqilError
-from cqil.evaluate import CORPUS_TASKS
+from cqil.evaluate import CORPUS_TASKS, local_tasks
 from cqil.plan import PLAN_NAME, SETUP_NAME, Setup, parse_plan
 
 try:
@@ -28,6 +28,8 @@ def log_path(rule, suffix="log"):
 
 
 LATENCY_MODELS = config["latency_setups"]["models"]
+# lm-eval's own tasks, read from the Hub: `prepare_tasks` fetches them before any evaluate job
+HUB_TASKS = [task for task in config["evaluate"]["tasks"] if task not in local_tasks() and task not in CORPUS_TASKS]
 BASELINES = BaselinesSettings(**config["baselines"]).active if "baselines" in config else False
 
 
@@ -71,9 +73,11 @@ def model_plans(model):
     return config["catalog"][model].get("plans", [])
 
 
-def all_cores(wildcards):
-    """Every core Snakemake may use (read when a job is scheduled, so `--report` needs no --cores)."""
-    return workflow.cores
+def latency_threads(wildcards):
+    """Threads of a latency job: config.resources.latency.threads where the config gives them (a cluster's GPU
+    node), else every core Snakemake may use, so that nothing else runs while it is timed (read when a job is
+    scheduled, so `--report` needs no --cores)."""
+    return config["resources"].get("latency", {}).get("threads") or workflow.cores
 
 
 def output_dir(wildcards, output):
@@ -84,10 +88,18 @@ def output_dir(wildcards, output):
 def job_resources(rule, **override):
     """A rule's `resources:` from config.resources (its entry over the default): memory, runtime, GPUs,
     and the GPU model, SLURM partition and account where the config names them (the SLURM executor reads
-    these names; a local run ignores them)."""
+    these names; a local run ignores them). `cpus_per_task` is the config's threads: SLURM's --cpus-per-task
+    would otherwise be the job's `threads`, which Snakemake caps at the --cores of the submitting host."""
     keys = ("mem_mb", "runtime", "gpu", "gpu_model", "slurm_partition", "slurm_account")
     values = rule_resources(rule)
-    return {key: values[key] for key in keys if key in values} | override
+    return {key: values[key] for key in keys if key in values} | {"cpus_per_task": values["threads"]} | override
+
+
+def hub_env(rule):
+    """`HF_HUB_OFFLINE=1 ` before the command of a job that holds a GPU: its weights and data were fetched by
+    CPU jobs before it (prepare_model, prepare_tasks, corpus), and a compute node may have no route to the Hub;
+    offline, a missing file fails at once instead of a download on GPU time."""
+    return "HF_HUB_OFFLINE=1 " if res(rule, "gpu") else ""
 
 
 def run_folder(wildcards, output):
@@ -123,9 +135,11 @@ def evaluations(wildcards):
 
 
 def variant_inputs(wildcards):
-    """What `cqil evaluate` reads for a variant: the model (prepared), the corpus where a task is built from it,
-    and the adapter of a fine-tuned plan."""
+    """What `cqil evaluate` reads for a variant: the model (prepared), lm-eval's Hub tasks (fetched), the corpus
+    where a task is built from it, and the adapter of a fine-tuned plan."""
     inputs = {"model": expand(f"{RESULTS}/model.json", model=wildcards.model)}
+    if HUB_TASKS:
+        inputs["hub_tasks"] = rules.prepare_tasks.output
     if set(config["evaluate"]["tasks"]) & set(CORPUS_TASKS):
         inputs["corpus"] = expand(f"{RESOURCES}/corpus.pt", model=wildcards.model)
     if wildcards.variant.endswith("-finetuned"):
@@ -147,6 +161,13 @@ def launcher(rule):
     """`cqil`, or `torchrun` with one process per GPU when the job has more than one."""
     gpus = res(rule, "gpu")
     return f"torchrun --standalone --nproc_per_node {gpus} -m cqil" if gpus > 1 else "cqil"
+
+
+def rank_threads(rule):
+    """`--threads` of each process `launcher` starts: the job's threads shared among them (each rank taking
+    them all would run ranks x threads threads on the job's cores)."""
+    ranks = max(res(rule, "gpu"), 1)
+    return lambda wildcards, threads: max(1, threads // ranks)
 
 
 def latency_setups(model):

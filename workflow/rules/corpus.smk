@@ -13,7 +13,8 @@ rule corpus:
         **job_resources("corpus"),
     params:
         spec=spec,
+        device=config["device"],
         settings=settings("corpus"),
     shell:
-        "cqil --threads {threads} corpus --settings {params.settings} --model {params.spec:q}"
+        "cqil --threads {threads} corpus --device {params.device} --settings {params.settings} --model {params.spec:q}"
         " --out {output.blocks} --summary {output.summary} > {log} 2>&1"

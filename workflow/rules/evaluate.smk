@@ -1,3 +1,20 @@
+# lm-eval's own tasks (config.evaluate.tasks not in cqil/tasks/: sciq, mmlu, ...) read their data from the Hub:
+# fetched here once, on a CPU job, into the Hugging Face cache that the evaluate jobs then read offline. lm-eval's
+# `dummy` model answers at random: one question of each task is enough to download and build the task.
+rule prepare_tasks:
+    output:
+        touch(f"resources/{config['run']}/hub_tasks.done"),
+    log:
+        f"logs/{config['run']}/prepare_tasks.log",
+    threads: res("prepare_tasks", "threads")
+    resources:
+        **job_resources("prepare_tasks"),
+    params:
+        tasks=",".join(HUB_TASKS),
+    shell:
+        "lm_eval --model dummy --tasks {params.tasks} --limit 1 > {log} 2>&1"
+
+
 # {variant} is `original`, a plan (zero-shot) or `<plan>-finetuned` (the plan with its adapter).
 rule evaluate:
     input:
@@ -12,13 +29,14 @@ rule evaluate:
     resources:
         **job_resources("evaluate"),
     params:
+        env=hub_env("evaluate"),
         spec=spec,
         dtype=dtype,
         variant=variant_args,
         settings=settings("evaluate"),
     shell:
-        "cqil --threads {threads} evaluate --settings {params.settings} --model {params.spec:q} --dtype {params.dtype}"
-        " {params.variant} --out {output} > {log} 2>&1"
+        "{params.env}cqil --threads {threads} evaluate --settings {params.settings}"
+        " --model {params.spec:q} --dtype {params.dtype} {params.variant} --out {output} > {log} 2>&1"
 
 
 # Every variant's scores with 95% intervals, and its paired differences from the original.

@@ -18,14 +18,18 @@ rule finetune:
     resources:
         **job_resources("finetune"),
     params:
+        env=hub_env("finetune"),
+        device=config["device"],
+        threads=rank_threads("finetune"),
         spec=spec,
         dtype=dtype,
         settings=settings("finetune"),
         out_dir=f"{RESOURCES}/plans/{{plan}}/finetune",  # the checkpoint here survives a killed job
         launcher=launcher("finetune"),
     shell:
-        "{params.launcher} --threads {threads} finetune --settings {params.settings} --model {params.spec:q}"
-        " --dtype {params.dtype} --plan {wildcards.plan} --corpus {input} --out-dir {params.out_dir}"
+        "{params.env}{params.launcher} --threads {params.threads} finetune --device {params.device}"
+        " --settings {params.settings} --model {params.spec:q} --dtype {params.dtype} --plan {wildcards.plan}"
+        " --corpus {input} --out-dir {params.out_dir}"
         " --summary {output.summary} --figure {output.figure} > {log} 2>&1"
 
 

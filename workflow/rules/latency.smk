@@ -1,5 +1,6 @@
 # {setup} is `original`, `cqil-<plan>` (P ranks) or `tp-<n>` (n ranks); `cqil latency` starts torchrun itself.
-# The job takes every core Snakemake has, so nothing else runs while it is timed.
+# Locally the job takes every core Snakemake has, so nothing else runs while it is timed; on a cluster, the
+# threads that config.resources.latency gives it.
 rule latency:
     input:
         rules.prepare_model.output,
@@ -9,17 +10,19 @@ rule latency:
         f"logs/{config['run']}/latency/{{model}}/{{setup}}.log",
     benchmark:
         f"logs/{config['run']}/latency/{{model}}/{{setup}}.benchmark.tsv"
-    threads: all_cores
+    threads: latency_threads
     resources:
-        **job_resources("latency", gpu=latency_gpus),
+        **job_resources("latency", gpu=latency_gpus, cpus_per_task=latency_threads),
     params:
+        env=hub_env("latency"),
+        device=config["device"],
         spec=spec,
         dtype=dtype,
         engine=engine_args,
         settings=settings("latency"),
     shell:
-        "cqil latency --settings {params.settings} --model {params.spec:q} --dtype {params.dtype} {params.engine}"
-        " --out {output} > {log} 2>&1"
+        "{params.env}cqil latency --device {params.device} --settings {params.settings} --model {params.spec:q}"
+        " --dtype {params.dtype} {params.engine} --out {output} > {log} 2>&1"
 
 
 # The latency table (CSV + Markdown) and its figure: reductions against the 1-thread original and the ideal.

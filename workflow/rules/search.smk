@@ -12,12 +12,13 @@ rule search:
     resources:
         **job_resources("search"),
     params:
+        env=hub_env("search"),
         spec=spec,
         dtype=dtype,
         settings=model_settings("search", "include"),
     shell:
-        "cqil --threads {threads} search --settings {params.settings} --model {params.spec:q} --dtype {params.dtype}"
-        " --corpus {input} --out {output.table} > {log} 2>&1"
+        "{params.env}cqil --threads {threads} search --settings {params.settings}"
+        " --model {params.spec:q} --dtype {params.dtype} --corpus {input} --out {output.table} > {log} 2>&1"
 
 
 # The plans chosen here fan out to the later stages (scores now; fine-tuning, evaluation, latency next).
@@ -50,12 +51,14 @@ rule score:
     resources:
         **job_resources("score"),
     params:
+        env=hub_env("score"),
         spec=spec,
         dtype=dtype,
         settings=settings("score"),
     shell:
-        "cqil --threads {threads} score --settings {params.settings} --model {params.spec:q} --dtype {params.dtype}"
-        " --plan {wildcards.plan} --corpus {input} --out {output} > {log} 2>&1"
+        "{params.env}cqil --threads {threads} score --settings {params.settings}"
+        " --model {params.spec:q} --dtype {params.dtype} --plan {wildcards.plan} --corpus {input} --out {output}"
+        " > {log} 2>&1"
 
 
 rule selected_scores:

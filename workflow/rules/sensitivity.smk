@@ -12,9 +12,10 @@ rule sensitivity:
     resources:
         **job_resources("sensitivity"),
     params:
+        env=hub_env("sensitivity"),
         spec=spec,
         dtype=dtype,
         settings=settings("sensitivity"),
     shell:
-        "cqil --threads {threads} sensitivity --settings {params.settings} --model {params.spec:q} --dtype {params.dtype}"
-        " --corpus {input} --out {output.table} > {log} 2>&1"
+        "{params.env}cqil --threads {threads} sensitivity --settings {params.settings}"
+        " --model {params.spec:q} --dtype {params.dtype} --corpus {input} --out {output.table} > {log} 2>&1"

@@ -12,9 +12,10 @@ rule similarity:
     resources:
         **job_resources("similarity"),
     params:
+        env=hub_env("similarity"),
         spec=spec,
         dtype=dtype,
         settings=settings("similarity"),
     shell:
-        "cqil --threads {threads} similarity --settings {params.settings} --model {params.spec:q} --dtype {params.dtype}"
-        " --corpus {input} --out {output.table} > {log} 2>&1"
+        "{params.env}cqil --threads {threads} similarity --settings {params.settings}"
+        " --model {params.spec:q} --dtype {params.dtype} --corpus {input} --out {output.table} > {log} 2>&1"
