@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from .errors import CqilError
 from .io import atomic, provenance, write_json
 from .models import load_model, load_tokenizer
+from .runtime import resolve_device
 from .transform import remove_plan
 
 SPLITS = ("calibration", "search", "finetune", "test")
@@ -190,7 +191,7 @@ def _generated_documents(model, tokenizer, settings: CorpusSettings):
                 )
                 for p in prompts
             ]
-        batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         torch.manual_seed(rng.randrange(2**31))
         with torch.inference_mode():
             out = model.generate(
@@ -201,14 +202,16 @@ def _generated_documents(model, tokenizer, settings: CorpusSettings):
                 max_new_tokens=settings.max_new_tokens,
                 pad_token_id=tokenizer.pad_token_id,
             )
-        for row in out[:, batch["input_ids"].shape[1] :]:
+        for row in out[:, batch["input_ids"].shape[1] :].tolist():
             yield tokenizer.decode(row, skip_special_tokens=True).strip()
 
 
-def build_corpus(model_spec: str, settings: CorpusSettings) -> tuple[dict[str, torch.Tensor], dict]:
+def build_corpus(
+    model_spec: str, settings: CorpusSettings, device: str = "auto"
+) -> tuple[dict[str, torch.Tensor], dict]:
     """The blocks of every split, and a summary (documents and tokens used, sample texts)."""
     if settings.source == "generate":
-        model, tokenizer = load_model(model_spec)
+        model, tokenizer = load_model(model_spec, device=resolve_device(device))
         remove_plan(model)  # the original writes the corpus, even for a saved CQIL model
         texts = _generated_documents(model, tokenizer, settings)
     else:
@@ -240,9 +243,11 @@ def build_corpus(model_spec: str, settings: CorpusSettings) -> tuple[dict[str, t
     return blocks, summary
 
 
-def run_corpus(settings: CorpusSettings, *, model: str, out, summary) -> None:
-    """The stage: build the corpus of `model`, write its blocks (a torch file) and a summary JSON with provenance."""
-    blocks, found = build_corpus(model, settings)
+def run_corpus(settings: CorpusSettings, *, model: str, out, summary, device: str = "auto") -> None:
+    """The stage: build the corpus of `model`, write its blocks (a torch file) and a summary JSON with provenance.
+
+    `device` is where a `generate` source's model writes the text (auto: the job's GPU, else the CPU)."""
+    blocks, found = build_corpus(model, settings, device)
     with atomic(out) as tmp:
         torch.save(blocks, tmp)
     write_json(summary, found | {"provenance": provenance({"model": model, "settings": asdict(settings)})})

@@ -160,6 +160,23 @@ def test_generated_corpus_is_deterministic(tiny_dir):
     assert not torch.equal(first["test"], other["test"])
 
 
+@pytest.mark.parametrize(
+    "device, message",
+    [
+        ("tpu", "device 'tpu': allowed are auto, cpu, cuda"),
+        pytest.param(
+            "cuda",
+            "device 'cuda': torch sees no CUDA device here",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is here: the model loads on it"),
+        ),
+    ],
+)
+def test_the_generating_model_loads_on_the_device_asked_for(tiny_dir, device, message):
+    settings = CorpusSettings(source="generate", block_size=16, blocks=SMALL, max_new_tokens=12, batch_size=4)
+    with pytest.raises(CqilError, match=message):
+        build_corpus(str(tiny_dir), settings, device=device)
+
+
 def test_jsonl_files(tiny_dir, tmp_path):
     path = tmp_path / "docs.jsonl"
     path.write_text("".join(json.dumps({"body": f"w{i} w{i + 1} w{i + 2} w{i + 3}"}) + "\n" for i in range(60)))
