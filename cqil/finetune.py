@@ -12,7 +12,8 @@ cross-entropy, or `kd+lm`. A plain loop over accelerate (one CPU, one GPU, or se
 the gradients).
 
 Each process computes on accelerate's device (`cuda:LOCAL_RANK` where CUDA is present), where the stage
-loads the model.
+loads the model. `gradient_checkpointing` recomputes each decoder layer's activations in the backward
+(a CQIL group as one unit) instead of keeping those of every layer.
 
 Resumable: every `save_every` steps the adapter (the trainable LoRA weights), optimizer, scheduler and RNG
 states are saved with `accelerator.save_state` (to a temporary folder, then renamed), without the base
@@ -39,6 +40,7 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
+from torch.distributed._composable import checkpoint as checkpoint_activations
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
@@ -83,6 +85,7 @@ class FinetuneSettings:
     seed: int = 42
     save_every: int = 10  # steps between resumable checkpoints
     mixed_precision: str = "auto"  # auto: bf16 on a GPU that has it, else none | no | bf16 | fp16
+    gradient_checkpointing: bool = False  # recompute each decoder layer in the backward: one layer's activations held
 
     def __post_init__(self):
         if self.loss not in LOSSES:
@@ -93,6 +96,10 @@ class FinetuneSettings:
             raise CqilError(f"finetune.lora_layers: {self.lora_layers!r} is not one of all, grouped")
         if min(self.steps, self.batch_size, self.grad_accum, self.save_every) < 1:
             raise CqilError("finetune: steps, batch_size, grad_accum and save_every must be >= 1")
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise CqilError(
+                f"finetune.gradient_checkpointing: {self.gradient_checkpointing!r} is not one of true, false"
+            )
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float, reduction: str) -> torch.Tensor:
@@ -120,12 +127,14 @@ def student_loss(student, input_ids: torch.Tensor, settings: FinetuneSettings, f
     """The training loss of one micro-batch (B, T): the teacher is the same model, adapters and plan off.
 
     `forward` is the student as the trainer wraps it (DDP under several processes), `student` the peft model.
+    No KV cache: it would hold every layer's keys and values to the end of the forward, and a checkpointed
+    layer's recomputation would append to it a second time.
     """
-    logits = (forward or student)(input_ids=input_ids).logits
+    logits = (forward or student)(input_ids=input_ids, use_cache=False).logits
     loss = 0.0
     if "kd" in settings.loss:
         with torch.no_grad(), student.disable_adapter(), planned(student, None):
-            teacher = student(input_ids=input_ids).logits
+            teacher = student(input_ids=input_ids, use_cache=False).logits
         loss = loss + kd_loss(logits, teacher, settings.temperature, settings.kd_reduction)
     if "lm" in settings.loss:
         weight = settings.lm_weight if settings.loss == "kd+lm" else 1.0
@@ -141,8 +150,9 @@ def divergence(student, blocks: torch.Tensor, batch_size: int = 4) -> dict:
     for batch in blocks.split(batch_size):
         batch = batch.to(device)
         with student.disable_adapter(), planned(student, None):
-            reference = log_probs(student(input_ids=batch).logits)
-        total = add_sums(total, token_sums(log_probs(student(input_ids=batch).logits), batch, reference))
+            reference = log_probs(student(input_ids=batch, use_cache=False).logits)
+        logp = log_probs(student(input_ids=batch, use_cache=False).logits)
+        total = add_sums(total, token_sums(logp, batch, reference))
     return summarize(total)
 
 
@@ -161,6 +171,19 @@ def micro_batch(n_blocks: int, settings: FinetuneSettings, step: int, micro: int
 @functools.lru_cache(maxsize=8)
 def _epoch_order(n_blocks: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n_blocks, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+
+
+def checkpoint_layers(model) -> None:
+    """Gradient checkpointing: each decoder layer keeps only its input for the backward and computes its
+    activations again there, so the backward holds one layer's activations at a time, for one more forward.
+
+    transformers' own checkpointing wraps the decoder layer class's `forward`, which the plan's per-layer
+    forwards (transform.py) shadow, so it would skip every CQIL group. torch's composable checkpoint hooks the
+    module call instead, whatever forward that runs, and leaves the parameter names (peft's, the adapter's)
+    as they are. A group's first layer computes the whole group, which is recomputed as one unit.
+    """
+    for layer in decoder_layers(model):
+        checkpoint_activations(layer)
 
 
 def _on_cpu(device: str) -> bool:
@@ -200,6 +223,8 @@ def finetune(
     set_seed(settings.seed)
     apply_plan(model, plan)
     student = get_peft_model(model, lora_config(plan, len(decoder_layers(model)), settings))
+    if settings.gradient_checkpointing:
+        checkpoint_layers(model)
     optimizer = torch.optim.AdamW(
         [p for p in student.parameters() if p.requires_grad], lr=settings.lr, weight_decay=settings.weight_decay
     )

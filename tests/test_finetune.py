@@ -1,5 +1,5 @@
-"""LoRA + KD fine-tuning on tiny models: the loss, one step, adapter-only checkpoints and resume after a real
-kill."""
+"""LoRA + KD fine-tuning on tiny models: the loss, one step, gradient checkpointing, adapter-only checkpoints
+and resume after a real kill."""
 
 import json
 import os
@@ -18,12 +18,14 @@ from cqil import Plan, apply_plan
 from cqil.errors import CqilError
 from cqil.finetune import (
     FinetuneSettings,
+    checkpoint_layers,
     finetune,
     lora_config,
     micro_batch,
     run_finetune,
     student_loss,
 )
+from cqil.layers import decoder_layers
 
 IDS = torch.randint(3, 96, (4, 16), generator=torch.Generator().manual_seed(0))
 
@@ -74,6 +76,7 @@ def test_batches_are_a_pure_function_of_the_step():
         (dict(loss="mse"), "finetune.loss: 'mse' is not one of kd, lm, kd+lm"),
         (dict(kd_reduction="mean"), "is not one of token, official"),
         (dict(steps=0), "must be >= 1"),
+        (dict(gradient_checkpointing="yes"), "finetune.gradient_checkpointing: 'yes' is not one of true, false"),
     ],
 )
 def test_bad_settings(settings, message):
@@ -92,6 +95,64 @@ def test_bad_device(tmp_path):
             summary=tmp_path / "summary.json",
             device="tpu",
         )
+
+
+def randomized_student(plan, settings, checkpointed):
+    """A float64 student whose LoRA weights are random (peft starts B at zero, which leaves A without gradient)."""
+    student = peft_student(plan, settings, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in (p for p in student.parameters() if p.requires_grad):
+            p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype) / 10)
+    if checkpointed:
+        checkpoint_layers(student)
+    return student.train()
+
+
+def step_on(student, settings):
+    """One student_loss and its backward: the loss, the gradients, the layers whose MLP ran during the backward
+    (a pre-hook: a recomputation may stop before the end of a layer) and the bytes autograd kept from the forward."""
+    calls, saved = [], []
+    for i, layer in enumerate(decoder_layers(student)):
+        layer.mlp.register_forward_pre_hook(lambda module, args, i=i: calls.append(i))
+    with torch.autograd.graph.saved_tensors_hooks(
+        lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t
+    ):
+        loss = student_loss(student, IDS, settings)
+    calls.clear()
+    loss.backward()
+    grads = {name: p.grad for name, p in student.named_parameters() if p.requires_grad}
+    return loss, grads, sorted(calls), sum(saved)
+
+
+def test_gradient_checkpointing_recomputes_every_layer_with_the_same_gradients():
+    plan, settings = Plan.parse("S2-E6-P2-D1"), FinetuneSettings(loss="kd+lm")
+    loss, grads, recomputed, kept = step_on(randomized_student(plan, settings, checkpointed=False), settings)
+    loss_c, grads_c, recomputed_c, kept_c = step_on(randomized_student(plan, settings, checkpointed=True), settings)
+    assert recomputed == [] and recomputed_c == list(range(8))  # every layer once, grouped ones inside their group
+    assert kept_c < kept / 4  # what autograd holds from the forward: layer inputs, not their activations
+    torch.testing.assert_close(loss_c, loss, rtol=1e-12, atol=0)
+    for name in grads:
+        torch.testing.assert_close(grads_c[name], grads[name], rtol=1e-10, atol=1e-12)
+
+
+def trained_with_mlp_calls(out_dir, gradient_checkpointing: bool):
+    """Two steps of finetune on a float64 tiny model: its adapter, and how often layer 3's MLP ran (layer 3 is
+    the second of its group, computed inside layer 2's group forward)."""
+    model, calls = tiny_model(dtype=torch.float64), []
+    decoder_layers(model)[3].mlp.register_forward_pre_hook(lambda module, args: calls.append(3))
+    settings = FinetuneSettings(steps=2, batch_size=2, lr=5e-3, lora_r=4, gradient_checkpointing=gradient_checkpointing)
+    finetune(model, Plan.parse("S2-E6-P2-D0"), IDS, settings, out_dir)
+    return load_file(out_dir / "adapter" / "adapter_model.safetensors"), len(calls)
+
+
+def test_the_setting_checkpoints_the_training_and_trains_the_same_adapter(tmp_path):
+    adapter, calls = trained_with_mlp_calls(tmp_path / "plain", gradient_checkpointing=False)
+    adapter_c, calls_c = trained_with_mlp_calls(tmp_path / "checkpointed", gradient_checkpointing=True)
+    assert (calls, calls_c) == (2 * 2, 2 * 3)  # per step: student, teacher, and the recomputation in the backward
+    assert adapter.keys() == adapter_c.keys()
+    for name in adapter:
+        torch.testing.assert_close(adapter_c[name], adapter[name], rtol=1e-10, atol=1e-12)
 
 
 def test_resume_refuses_a_checkpoint_of_other_lora_settings(tmp_path):
@@ -167,14 +228,15 @@ def test_resume_after_a_kill_reaches_the_same_adapter(tiny_dir, tmp_path):
 
 
 def test_two_processes_match_one(tiny_dir, tmp_path):
-    """torchrun with 2 CPU processes (gloo DDP, half of each micro-batch per rank) == one process."""
+    """torchrun with 2 CPU processes (gloo DDP, half of each micro-batch per rank) == one process; the two
+    processes checkpoint their layers (gradient checkpointing under DDP, as a large model trains)."""
     torch.save(
         {"finetune": torch.randint(3, 96, (12, 16), generator=torch.Generator().manual_seed(1)), "test": IDS},
         tmp_path / "corpus.pt",
     )
-    settings = json.dumps({"steps": 6, "batch_size": 4, "save_every": 3, "lora_r": 4})
+    settings = {"steps": 6, "batch_size": 4, "save_every": 3, "lora_r": 4}
 
-    def run(launcher, name):
+    def run(launcher, name, **extra):
         subprocess.run(
             [
                 *launcher,
@@ -190,7 +252,7 @@ def test_two_processes_match_one(tiny_dir, tmp_path):
                 "--corpus",
                 str(tmp_path / "corpus.pt"),
                 "--settings",
-                settings,
+                json.dumps(settings | extra),
                 "--out-dir",
                 str(tmp_path / name),
                 "--summary",
@@ -203,7 +265,8 @@ def test_two_processes_match_one(tiny_dir, tmp_path):
         return load_file(tmp_path / name / "adapter" / "adapter_model.safetensors")
 
     one = run([sys.executable], "one")
-    two = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"], "two")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    two = run(torchrun, "two", gradient_checkpointing=True)
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5)
     lr = [line.split(",")[2] for line in (tmp_path / "two" / "losses.csv").read_text().splitlines()[1:]]
