@@ -36,7 +36,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
 from accelerate.utils import set_seed
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
@@ -52,12 +52,12 @@ from .metrics import add_sums, log_probs, summarize, token_sums
 from .models import load_model
 from .plan import Plan, Prune
 from .report import loss_figure
+from .runtime import resolve_device
 from .transform import apply_plan, planned
 
 LOSSES = ("kd", "lm", "kd+lm")
 KD_REDUCTIONS = ("token", "official")
 ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-DEVICES = ("auto", "cpu", "cuda")
 ADAPTER_STATE = "adapter.safetensors"  # the trainable weights in a resumable checkpoint
 
 
@@ -186,16 +186,6 @@ def checkpoint_layers(model) -> None:
         checkpoint_activations(layer)
 
 
-def _on_cpu(device: str) -> bool:
-    """Whether this process trains on the CPU: `device` cpu, or auto without CUDA; otherwise accelerate puts it
-    on `cuda:LOCAL_RANK`."""
-    if device not in DEVICES:
-        raise CqilError(f"device: {device!r} is not one of {', '.join(DEVICES)}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise CqilError("device: cuda, but this process sees no CUDA device")
-    return device == "cpu" or not torch.cuda.is_available()
-
-
 def _mixed_precision(choice: str, on_cpu: bool) -> str:
     if choice != "auto":
         return choice
@@ -218,7 +208,8 @@ def finetune(
     """
     out_dir = Path(out_dir)
     checkpoint = Path(checkpoint_dir or out_dir / "checkpoint")
-    on_cpu = _on_cpu(device)
+    # accelerate puts each process on cuda:LOCAL_RANK, which resolve_device also gives (and checks) unless on the CPU
+    on_cpu = resolve_device(device).type == "cpu"
     accelerator = Accelerator(mixed_precision=_mixed_precision(settings.mixed_precision, on_cpu), cpu=on_cpu)
     set_seed(settings.seed)
     apply_plan(model, plan)
@@ -379,16 +370,14 @@ def run_finetune(
     device: str = "auto",
 ) -> None:
     """The stage: fine-tune `plan`'s adapters (resuming from `out_dir`'s checkpoint), write the summary JSON
-    and, with `figure`, the loss curve. The model is loaded straight onto the device accelerate gives this
-    process (`device` auto: `cuda:LOCAL_RANK` where CUDA is present, else the CPU)."""
-    on = PartialState(cpu=_on_cpu(device)).device
+    and, with `figure`, the loss curve. The model is loaded straight onto this process's device (`device` auto:
+    `cuda:LOCAL_RANK` where CUDA is present, else the CPU), where accelerate trains it."""
+    where = resolve_device(device)
     blocks, held_out = load_split(corpus, settings.split), load_split(corpus, settings.eval_split)
-    student = load_model(model, dtype=dtype, device=str(on))[0]
+    student = load_model(model, dtype=dtype, device=where)[0]
     found = finetune(student, plan, blocks, settings, out_dir, eval_blocks=held_out, device=device)
-    write_json(
-        summary,
-        found | {"provenance": provenance({"model": model, "dtype": dtype, "settings": asdict(settings)}, plan)},
-    )
+    settings_used = {"model": model, "dtype": dtype, "device": str(where), "settings": asdict(settings)}
+    write_json(summary, found | {"provenance": provenance(settings_used, plan)})
     if figure:
         loss_figure(pd.read_csv(Path(out_dir) / "losses.csv"), f"{plan}: fine-tuning", figure)
 

@@ -85,7 +85,7 @@ def test_bad_settings(settings, message):
 
 
 def test_bad_device(tmp_path):
-    with pytest.raises(CqilError, match=re.escape("device: 'tpu' is not one of auto, cpu, cuda")):
+    with pytest.raises(CqilError, match=re.escape("device 'tpu': allowed are auto, cpu, cuda")):
         run_finetune(
             FinetuneSettings(),
             model="random:llama-135m",
