@@ -65,6 +65,7 @@ def test_each_section_is_its_stages_settings_and_restates_their_defaults():
     "path, value, message",
     [
         ("run", "two words", "config.run: 'two words' does not match"),
+        ("device", "gpu", "config.device: 'gpu' is not one of ['auto', 'cpu', 'cuda']"),
         ("corpus.source", "web", "config.corpus.source: 'web' is not one of ['generate', 'files', 'hub']"),
         ("corpus.sourse", "generate", "config.corpus: Additional properties are not allowed ('sourse' was unexpected)"),
         ("corpus.blocks.test", 0, "config.corpus.blocks.test: 0 is less than the minimum of 1"),
@@ -190,9 +191,16 @@ def test_dry_run_of_the_paper_config():
     # 7B: original, S12-E30-P2-D0 (latency_setups.plans) + its 3 official plans, tp 2 and 4; 13B: 4; 33B, Qwen: 5 each
     assert counts["latency"] == 6 + 4 + 5 + 5
     assert "--model huggyllama/llama-7b" in out and "results/paper/qwen1.5-14b/latency/cqil-S17-E37-P2-D0.json" in out
-    job = out.split("output: results/paper/llama-33b/latency/cqil-S18-E58-P4-D0.json")[1].split("Shell command")[0]
+    job = out.split("output: results/paper/llama-33b/latency/cqil-S18-E58-P4-D0.json")[1].split("\n\n")[0]
     assert "gpu=4" in job and "slurm_partition=gpu" in job  # partitions are config values
-    assert '"include": ["S12-E30-P2-D0", "S12-E30-P2-D1", "S14-E30-P4-D0"]' in out  # 7B's search scores its plans
+    assert "HF_HUB_OFFLINE=1 cqil latency --device auto " in job  # a GPU job: weights fetched by prepare_model
+    # 7B's search scores its plans; the official D1 adapter was trained with the official code's arithmetic
+    assert '"include": ["S12-E30-P2-D0", "S12-E30-P2-D1-official", "S14-E30-P4-D0"]' in out
+    # config.yaml's CPU-sized entries do not leak into the paper's resources (Snakemake merges them key by key)
+    job = out.split("output: results/paper/llama-7b/sensitivity.csv")[1].split("\n\n")[0]
+    assert "gpu=1" in job and "mem_mb=64000" in job and "HF_HUB_OFFLINE=1 cqil" in job
+    assert "prepare_tasks" in counts  # SciQ and MMLU fetched on a CPU job
+    assert "../shared" not in (ROOT / "config" / "paper.yaml").read_text()  # every path is in the repository
 
 
 def test_lint():
