@@ -4,9 +4,9 @@
 
 Engines: `cqil.py` spreads the layers of each group over P ranks (one all-reduce per group);
 `tp.py` is the tensor-parallel baseline through torch's DTensor. gloo on CPU, NCCL with one GPU per
-rank, gloo with CUDA tensors where ranks share a GPU. A rank that raises, dies or hangs ends the whole
-run with an error: torchrun stops the other ranks when one exits, and a collective that waits longer
-than `timeout` raises on the ranks waiting.
+rank, gloo with CUDA tensors where ranks share a GPU (only when asked: `share_gpu`). A rank that
+raises, dies or hangs ends the whole run with an error: torchrun stops the other ranks when one
+exits, and a collective that waits longer than `timeout` raises on the ranks waiting.
 """
 
 from __future__ import annotations
@@ -65,17 +65,46 @@ def under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or "WORLD_SIZE" in os.environ
 
 
-def init(timeout: float = 300.0, device: str = "auto") -> Ranks:
-    """This process's rank, world size and device; joins the process group when there are several ranks."""
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def local_ranks() -> int:
+    """The ranks on this machine: torchrun says so in LOCAL_WORLD_SIZE; other launchers' worlds are one machine."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
+
+
+def resolve_device(setting: str = "auto", share_gpu: bool = False) -> torch.device:
+    """The device of this process, the one rule of every stage: `auto` is this rank's GPU (cuda:LOCAL_RANK) where
+    CUDA is present, else the CPU; `cpu` and `cuda` insist.
+
+    More ranks on this machine than visible GPUs fail, unless `share_gpu` asks for the shared-GPU check (ranks take
+    the GPUs in turn): each rank meant to time its own GPU would otherwise time a shared one.
+    """
+    if setting not in DEVICES:
+        raise EngineError(f"device {setting!r}: allowed are {', '.join(DEVICES)}")
+    if setting == "cpu" or (setting == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise EngineError("device 'cuda': torch sees no CUDA device here (use auto or cpu)")
+    gpus, ranks = torch.cuda.device_count(), local_ranks()
+    if ranks > gpus and not share_gpu:
+        raise EngineError(
+            f"device {setting!r}: {ranks} ranks on this machine but {gpus} visible GPU(s); give each rank a GPU, "
+            f"or ask for the shared-GPU check (share_gpu), whose timings are no rank's own"
+        )
+    return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % gpus}")
+
+
+def init(timeout: float = 300.0, device: str = "auto", share_gpu: bool = False) -> Ranks:
+    """This process's rank, world size and device (`resolve_device`); joins the process group when there are
+    several ranks. `share_gpu` lets ranks share a GPU: a check of the CUDA path, never a timing."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    gpus = torch.cuda.device_count() if cuda else 0
-    where = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % max(gpus, 1)}" if cuda else "cpu")
+    where = resolve_device(device, share_gpu)
+    cuda = where.type == "cuda"
     if cuda:
         torch.cuda.set_device(where)
-    # More ranks than GPUs (2 ranks on one GPU: a check of the CUDA path, not a timing): NCCL refuses two ranks
-    # on one device, gloo takes CUDA tensors (through the host).
-    nccl = cuda and world <= gpus
+    # NCCL refuses two ranks on one device; gloo takes CUDA tensors (through the host).
+    nccl = cuda and local_ranks() <= torch.cuda.device_count()
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(
             "nccl" if nccl else "gloo", timeout=timedelta(seconds=timeout), device_id=where if nccl else None
