@@ -169,6 +169,18 @@ def prepare_embedded(name: str) -> Path:
     return target
 
 
+def is_hub_id(spec: str) -> bool:
+    """A Hugging Face Hub id 'org/name' that names no local file or directory."""
+    spec = str(spec)
+    path = Path(spec)
+    return (
+        bool(re.fullmatch(r"[\w.-]+/[\w.-]+", spec))
+        and spec not in EMBEDDED
+        and path.suffix != ".gguf"
+        and not path.exists()
+    )
+
+
 def resolve(spec: str) -> tuple[str, dict]:
     """Map a model spec to a `from_pretrained` location and its extra keyword arguments."""
     spec = str(spec)
@@ -183,8 +195,8 @@ def resolve(spec: str) -> tuple[str, dict]:
         if not (path / "config.json").is_file():
             raise ModelError(f"model {spec!r}: directory has no config.json (expected a Hugging Face model directory)")
         return spec, {}
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", spec) and not path.exists():
-        return spec, {}  # a Hub id: needs network access or a populated HF cache
+    if is_hub_id(spec):
+        return spec, {}  # needs network access, or the HF cache that `run_prepare` fills
     raise ModelError(
         f"model {spec!r}: not an embedded model ({', '.join(EMBEDDED)}), "
         f"a local model directory, a .gguf file or a Hub id 'org/name'"
@@ -221,11 +233,13 @@ def load_tokenizer(spec: str):
 
 
 def load_model(spec: str, plan: Plan | Prune | None = None, dtype: str = "auto", device=None):
-    """Load (model, tokenizer) in eval mode; apply `plan`, or the plan stored in the model's config.
+    """Load (model, tokenizer) in eval mode on `device` (default: the CPU); apply `plan`, or the plan stored in
+    the model's config.
 
-    The family and the plan are checked against the config before any weight is read. A
-    `random:<shape>` spec gives seeded random weights (float32 unless `dtype` says) and no tokenizer,
-    built on `device` where one is given (a 7B shape on a GPU: no CPU copy to initialise first).
+    The family and the plan are checked against the config before any weight is read. Weights go straight to
+    `device`, tensor by tensor, with no copy of the whole model in host memory first (a GGUF file is the
+    exception: it is dequantized on the host). A `random:<shape>` spec gives seeded random weights (float32
+    unless `dtype` says) and no tokenizer, built on `device`.
     """
     if dtype not in DTYPES:
         raise ModelError(f"dtype {dtype!r}: allowed are {', '.join(DTYPES)}")
@@ -241,6 +255,9 @@ def load_model(spec: str, plan: Plan | Prune | None = None, dtype: str = "auto",
     location, kwargs = resolve(spec)
     if "gguf_file" in kwargs:
         kwargs["quantization_config"] = GgufConfig(dequantize=True)
+    if device is not None:
+        # A map to one device adds no accelerate hooks (only a map over several does), so apply_plan still works.
+        kwargs["device_map"] = {"": torch.device(device)}
     model = AutoModelForCausalLM.from_pretrained(location, dtype=DTYPES[dtype], **kwargs).eval()
     apply_plan(model, plan)
     return model, load_tokenizer(spec)
@@ -266,9 +283,35 @@ def describe(spec: str) -> dict:
     }
 
 
+# What the stages read of a Hub model: config, tokenizer and the safetensors weights, not the repository's other
+# copies of the weights (PyTorch pickles, consolidated files), which would double the download.
+HUB_FILES = ["*.json", "model*.safetensors", "tokenizer.model", "*.txt", "*.tiktoken"]
+HUB_PICKLES = ["pytorch_model*.bin"]  # only for a repository without safetensors
+
+
+def download(spec: str) -> Path:
+    """Fetch a Hub model's config, tokenizer and weights into the Hugging Face cache (what is there already is
+    kept); returns the snapshot folder. With HF_HUB_OFFLINE=1 it only finds the cached snapshot."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(spec, allow_patterns=HUB_FILES))
+        if not any(folder.glob("model*.safetensors")):
+            folder = Path(snapshot_download(spec, allow_patterns=HUB_PICKLES))
+    except OSError as err:  # not found, gated, offline and not cached, no network: all of them OSErrors
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelError(f"model {spec!r}: cannot download it from the Hugging Face Hub: {reason}") from None
+    if not any(folder.glob("model*.safetensors")) and not any(folder.glob("pytorch_model*.bin")):
+        raise ModelError(f"model {spec!r}: {folder} has no weights (model*.safetensors or pytorch_model*.bin)")
+    return folder
+
+
 def run_prepare(*, model: str, out, layers: int | None = None) -> None:
-    """The stage: make a model available offline (the embedded one is downloaded and converted here, once),
-    check its layer count against the config, and write what `describe` says of it."""
+    """The stage: make a model available offline, once, on a CPU job (the embedded one is downloaded and
+    converted; a Hub model's config, tokenizer and weights go to the Hugging Face cache, so that the later jobs run
+    with HF_HUB_OFFLINE=1), check its layer count against the config, and write what `describe` says of it."""
+    if is_hub_id(model):
+        download(model)
     info = describe(model)
     if layers is not None and info["layers"] != layers:
         raise ModelError(f"--layers {layers}: model {model!r} has {info['layers']} layers")
