@@ -166,6 +166,8 @@ def test_the_paper_run_asks_slurm_for_what_its_config_says(paper_jobs):
     }
     for job in jobs:
         line, entry = submit_line(job), {**resources["default"], **resources.get(job.rule, {})}
+        if job.rule in ("corpus", "similarity", "sensitivity", "search", "score", "baselines", "evaluate", "finetune"):
+            assert " --device auto " in job.shell, job.shell  # latency's: test_workflow.py
         if job.rule in ("prepare_model", "prepare_tasks", "corpus"):
             assert " -p cpu " in line and "--gpus" not in line and "HF_HUB_OFFLINE" not in job.shell, line
         if job.rule in resources:

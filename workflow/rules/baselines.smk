@@ -16,11 +16,12 @@ checkpoint baselines:
         **job_resources("baselines"),
     params:
         env=hub_env("baselines"),
+        device=config["device"],
         spec=spec,
         dtype=dtype,
         settings=settings("baselines"),
     shell:
-        "{params.env}cqil --threads {threads} baselines --settings {params.settings}"
+        "{params.env}cqil --threads {threads} baselines --device {params.device} --settings {params.settings}"
         " --model {params.spec:q} --dtype {params.dtype} --corpus {input.corpus} --selected {input.selected}"
         " --out {output} > {log} 2>&1"
 

@@ -30,12 +30,13 @@ rule evaluate:
         **job_resources("evaluate"),
     params:
         env=hub_env("evaluate"),
+        device=config["device"],
         spec=spec,
         dtype=dtype,
         variant=variant_args,
         settings=settings("evaluate"),
     shell:
-        "{params.env}cqil --threads {threads} evaluate --settings {params.settings}"
+        "{params.env}cqil --threads {threads} evaluate --device {params.device} --settings {params.settings}"
         " --model {params.spec:q} --dtype {params.dtype} {params.variant} --out {output} > {log} 2>&1"
 
 

@@ -13,11 +13,12 @@ rule search:
         **job_resources("search"),
     params:
         env=hub_env("search"),
+        device=config["device"],
         spec=spec,
         dtype=dtype,
         settings=model_settings("search", "include"),
     shell:
-        "{params.env}cqil --threads {threads} search --settings {params.settings}"
+        "{params.env}cqil --threads {threads} search --device {params.device} --settings {params.settings}"
         " --model {params.spec:q} --dtype {params.dtype} --corpus {input} --out {output.table} > {log} 2>&1"
 
 
@@ -52,11 +53,12 @@ rule score:
         **job_resources("score"),
     params:
         env=hub_env("score"),
+        device=config["device"],
         spec=spec,
         dtype=dtype,
         settings=settings("score"),
     shell:
-        "{params.env}cqil --threads {threads} score --settings {params.settings}"
+        "{params.env}cqil --threads {threads} score --device {params.device} --settings {params.settings}"
         " --model {params.spec:q} --dtype {params.dtype} --plan {wildcards.plan} --corpus {input} --out {output}"
         " > {log} 2>&1"
 

@@ -13,9 +13,10 @@ rule sensitivity:
         **job_resources("sensitivity"),
     params:
         env=hub_env("sensitivity"),
+        device=config["device"],
         spec=spec,
         dtype=dtype,
         settings=settings("sensitivity"),
     shell:
-        "{params.env}cqil --threads {threads} sensitivity --settings {params.settings}"
+        "{params.env}cqil --threads {threads} sensitivity --device {params.device} --settings {params.settings}"
         " --model {params.spec:q} --dtype {params.dtype} --corpus {input} --out {output.table} > {log} 2>&1"

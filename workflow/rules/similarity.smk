@@ -13,9 +13,10 @@ rule similarity:
         **job_resources("similarity"),
     params:
         env=hub_env("similarity"),
+        device=config["device"],
         spec=spec,
         dtype=dtype,
         settings=settings("similarity"),
     shell:
-        "{params.env}cqil --threads {threads} similarity --settings {params.settings}"
+        "{params.env}cqil --threads {threads} similarity --device {params.device} --settings {params.settings}"
         " --model {params.spec:q} --dtype {params.dtype} --corpus {input} --out {output.table} > {log} 2>&1"
