@@ -24,6 +24,7 @@ from .io import provenance, write_csv, write_json
 from .layers import decoder_inputs, decoder_layers, lm_logits, run_layers
 from .metrics import add_sums, log_probs, summarize, token_sums
 from .models import load_model
+from .runtime import resolve_device
 from .transform import planned
 
 
@@ -107,10 +108,13 @@ def _sensitivity_sums(model, batch: torch.Tensor, variants):
         yield (i, k), token_sums(log_probs(lm_logits(model, hidden)), batch, reference)
 
 
-def run_similarity(settings: SimilaritySettings, *, model: str, corpus, out, dtype: str = "auto") -> None:
+def run_similarity(
+    settings: SimilaritySettings, *, model: str, corpus, out, dtype: str = "auto", device: str = "auto"
+) -> None:
     """The stage: the similarity matrix as a long CSV (layer_i, layer_j, cosine), adjacent pairs in a JSON beside it."""
     blocks = load_split(corpus, settings.split)
-    matrix = similarity(load_model(model, dtype=dtype)[0], blocks, batch_size=settings.batch_size)
+    where = resolve_device(device)
+    matrix = similarity(load_model(model, dtype=dtype, device=where)[0], blocks, batch_size=settings.batch_size)
     size = len(matrix)
     write_csv(
         out,
@@ -127,20 +131,28 @@ def run_similarity(settings: SimilaritySettings, *, model: str, corpus, out, dty
         {
             "adjacent": [float(matrix[i, i + 1]) for i in range(size - 1)],
             "blocks": len(blocks),
-            "provenance": provenance({"model": model, "dtype": dtype, "settings": asdict(settings)}),
+            "provenance": provenance(
+                {"model": model, "dtype": dtype, "device": str(where), "settings": asdict(settings)}
+            ),
         },
     )
 
 
-def run_sensitivity(settings: SensitivitySettings, *, model: str, corpus, out, dtype: str = "auto") -> None:
+def run_sensitivity(
+    settings: SensitivitySettings, *, model: str, corpus, out, dtype: str = "auto", device: str = "auto"
+) -> None:
     """The stage: perplexity and KL when layer i computes from the input of layer i-k, a CSV row per (i, k)."""
     blocks = load_split(corpus, settings.split)
-    rows = sensitivity(load_model(model, dtype=dtype)[0], blocks, settings.distances, batch_size=settings.batch_size)
+    where = resolve_device(device)
+    loaded = load_model(model, dtype=dtype, device=where)[0]
+    rows = sensitivity(loaded, blocks, settings.distances, batch_size=settings.batch_size)
     write_csv(out, pd.DataFrame(rows))
     write_json(
         Path(out).with_suffix(".json"),
         {
             "blocks": len(blocks),
-            "provenance": provenance({"model": model, "dtype": dtype, "settings": asdict(settings)}),
+            "provenance": provenance(
+                {"model": model, "dtype": dtype, "device": str(where), "settings": asdict(settings)}
+            ),
         },
     )

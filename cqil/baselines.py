@@ -36,6 +36,7 @@ from .metrics import add_sums, log_probs, summarize, token_sums
 from .models import load_config, load_model
 from .plan import Plan, Prune
 from .report import comparison_figure
+from .runtime import resolve_device
 from .transform import apply_plan, planned, prunable_layers
 
 RULES = ("block_influence", "greedy")  # ShortGPT's Block Influence, SLEB's greedy removal
@@ -140,7 +141,9 @@ def matched_plans(settings: BaselinesSettings, selected: list[str]) -> list[Plan
     return [plan for plan in map(Plan.parse, names) if plan.bypass_mode != "lp"]
 
 
-def run_baselines(settings: BaselinesSettings, *, model: str, corpus, selected, out, dtype: str = "auto") -> None:
+def run_baselines(
+    settings: BaselinesSettings, *, model: str, corpus, selected, out, dtype: str = "auto", device: str = "auto"
+) -> None:
     """The stage: for every matched CQIL plan, its equal-depth baselines (`baselines.json`): the layers each pruning
     rule removes from the original, and the LP plan over the same groups, with each rule's evidence (BI per layer,
     the greedy trace)."""
@@ -148,9 +151,10 @@ def run_baselines(settings: BaselinesSettings, *, model: str, corpus, selected, 
     settings.validate(num_layers)
     plans = matched_plans(settings, json.loads(Path(selected).read_text())["plans"])
     counts = sorted({layers_saved(plan, num_layers) for plan in plans})
+    where = resolve_device(device)  # a bad setting fails before any weight is read
     rows, evidence = [], {}
     if settings.rules:
-        loaded, _ = load_model(model, dtype=dtype)
+        loaded, _ = load_model(model, dtype=dtype, device=where)
         allowed = prunable_layers(loaded.config)
         if counts and counts[-1] > len(allowed):
             raise CqilError(f"baselines: removing {counts[-1]} layers, but only {len(allowed)} may be removed")
@@ -179,7 +183,9 @@ def run_baselines(settings: BaselinesSettings, *, model: str, corpus, selected, 
             "evidence": evidence,
             "split": settings.split,
             "layers": num_layers,
-            "provenance": provenance({"model": model, "dtype": dtype, "settings": asdict(settings)}),
+            "provenance": provenance(
+                {"model": model, "dtype": dtype, "device": str(where), "settings": asdict(settings)}
+            ),
         },
     )
 

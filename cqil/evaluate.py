@@ -29,6 +29,7 @@ from .io import provenance, write_json
 from .metrics import add_sums, block_nll, summarize
 from .models import load_model
 from .plan import Plan, Prune
+from .runtime import resolve_device
 
 TASKS = Path(__file__).parent / "tasks"
 CORPUS_TASKS = ("cqil_heldout", "cqil_cloze")  # built from the corpus's test blocks (no outside data)
@@ -255,6 +256,7 @@ def run_evaluate(
     dtype: str = "auto",
     plan: Plan | Prune | None = None,
     adapter=None,
+    device: str = "auto",
 ) -> None:
     """The stage: lm-eval tasks and WikiText-2 perplexity on the original, a plan (zero-shot) or a plan with its
     adapter (fine-tuned), with every question's score, as JSON."""
@@ -264,7 +266,8 @@ def run_evaluate(
     if corpus_tasks and corpus is None:
         raise CqilError(f"--corpus: the tasks {', '.join(corpus_tasks)} are built from the corpus's test blocks")
     blocks = load_split(corpus, settings.split) if corpus_tasks else None
-    loaded, tokenizer = load_model(model, plan=plan, dtype=dtype)
+    where = resolve_device(device)
+    loaded, tokenizer = load_model(model, plan=plan, dtype=dtype, device=where)
     if adapter:
         from peft import PeftModel
 
@@ -301,7 +304,14 @@ def run_evaluate(
             "results": results,
             "items": items,
             "provenance": provenance(
-                {"model": model, "dtype": dtype, "adapter": adapter, "settings": asdict(settings)}, plan
+                {
+                    "model": model,
+                    "dtype": dtype,
+                    "device": str(where),
+                    "adapter": adapter,
+                    "settings": asdict(settings),
+                },
+                plan,
             ),
         },
     )

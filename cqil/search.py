@@ -31,6 +31,7 @@ from .layers import decoder_inputs, decoder_layers, lm_logits, run_layers
 from .metrics import add_sums, log_probs, summarize, token_sums
 from .models import load_config, load_model
 from .plan import Plan, Prune
+from .runtime import resolve_device
 from .transform import apply_plan, planned
 
 METRICS = {"kl": "min", "perplexity": "min", "top1": "max"}  # what "better" means for each metric
@@ -161,11 +162,12 @@ def select(rows: list[dict], settings: SelectSettings) -> list[str]:
     return chosen + [str(Plan.parse(p)) for p in settings.always if str(Plan.parse(p)) not in chosen]
 
 
-def run_search(settings: SearchSettings, *, model: str, corpus, out, dtype: str = "auto") -> None:
+def run_search(settings: SearchSettings, *, model: str, corpus, out, dtype: str = "auto", device: str = "auto") -> None:
     """The stage: score the plan grid (a CSV row per plan); the JSON beside it has the throughput."""
     plans = settings.plans(load_config(model).num_hidden_layers)  # a bad plan fails before the weights load
     blocks = load_split(corpus, settings.split)
-    loaded, _ = load_model(model, dtype=dtype)
+    where = resolve_device(device)
+    loaded, _ = load_model(model, dtype=dtype, device=where)
     start = time.perf_counter()
     rows = score_plans(loaded, blocks, plans, batch_size=settings.batch_size)
     seconds = time.perf_counter() - start
@@ -177,7 +179,9 @@ def run_search(settings: SearchSettings, *, model: str, corpus, out, dtype: str 
             "blocks": len(blocks),
             "seconds": seconds,
             "plans_per_minute": 60 * len(plans) / seconds,
-            "provenance": provenance({"model": model, "dtype": dtype, "settings": asdict(settings)}),
+            "provenance": provenance(
+                {"model": model, "dtype": dtype, "device": str(where), "settings": asdict(settings)}
+            ),
         },
     )
 
@@ -192,10 +196,13 @@ def run_select(settings: SelectSettings, *, search, out) -> None:
     )
 
 
-def run_score(settings: ScoreSettings, *, model: str, plan: Plan | Prune, corpus, out, dtype: str = "auto") -> None:
+def run_score(
+    settings: ScoreSettings, *, model: str, plan: Plan | Prune, corpus, out, dtype: str = "auto", device: str = "auto"
+) -> None:
     """The stage: perplexity, KL to the original and top-1 agreement of one plan on the test blocks (JSON)."""
     blocks = load_split(corpus, settings.split)
-    loaded, _ = load_model(model, dtype=dtype)
+    where = resolve_device(device)
+    loaded, _ = load_model(model, dtype=dtype, device=where)
     original, row = score_plans(loaded, blocks, [plan], batch_size=settings.batch_size, progress=False)
     write_json(
         out,
@@ -203,7 +210,9 @@ def run_score(settings: ScoreSettings, *, model: str, plan: Plan | Prune, corpus
             "split": settings.split,
             "plan": row,
             "original": original,
-            "provenance": provenance({"model": model, "dtype": dtype, "settings": asdict(settings)}, plan),
+            "provenance": provenance(
+                {"model": model, "dtype": dtype, "device": str(where), "settings": asdict(settings)}, plan
+            ),
         },
     )
 

@@ -2,20 +2,29 @@
 for the job's GPU; every input reaches the model on the model's device; `load_model` puts every kind of spec on the
 device it is given; and `cqil prepare` fetches a Hub model once, so that later jobs load it offline."""
 
+import inspect
 import json
 import shutil
 
 import huggingface_hub
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_model, tiny_tokenizer
 from huggingface_hub.utils import filter_repo_objects
 
-from cqil import load_model
+from cqil import analysis, baselines, evaluate, load_model, search
+from cqil.analysis import SensitivitySettings, SimilaritySettings, sensitivity, similarity
+from cqil.baselines import BaselinesSettings, block_influence, greedy_removal
+from cqil.cli import build_parser
 from cqil.errors import EngineError, ModelError
+from cqil.evaluate import EvaluateSettings
+from cqil.metrics import block_nll
 from cqil.models import HUB_FILES, run_prepare
 from cqil.plan import Plan
 from cqil.runtime import init, resolve_device
+from cqil.search import ScoreSettings, SearchSettings, score_plans
+from cqil.stages import STAGES as STAGE_TABLE
 
 PLAN = Plan.parse("S2-E6-P2-D0")
 
@@ -97,6 +106,137 @@ def test_a_gpu_per_rank_takes_nccl_on_its_own_gpu(gpus, process_group, monkeypat
     ranks = init()
     assert ranks.device == process_group["device_id"] == process_group["set_device"] == torch.device("cuda:1")
     assert process_group["group"] == "nccl"
+
+
+# --- Every stage asks for the GPU ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def asked(monkeypatch):
+    """The devices the stages ask `load_model` for; the model itself is loaded on the CPU."""
+    devices = []
+
+    def spy(*args, device=None, **kwargs):
+        devices.append(device)
+        return load_model(*args, device="cpu", **kwargs)
+
+    for module in (analysis, search, baselines, evaluate):
+        monkeypatch.setattr(module, "load_model", spy)
+    return devices
+
+
+def blocks(n=4, length=12, seed=0):
+    return torch.randint(3, 96, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def run_similarity(model, corpus, tmp):
+    analysis.run_similarity(SimilaritySettings(batch_size=2), model=model, corpus=corpus, out=tmp / "similarity.csv")
+    return tmp / "similarity.json"
+
+
+def run_sensitivity(model, corpus, tmp):
+    settings = SensitivitySettings(distances=[1], batch_size=2)
+    analysis.run_sensitivity(settings, model=model, corpus=corpus, out=tmp / "sensitivity.csv")
+    return tmp / "sensitivity.json"
+
+
+def run_search(model, corpus, tmp):
+    settings = SearchSettings(starts=[2], ends=[6], sizes=[2], bypasses=[0], include=[], batch_size=2)
+    search.run_search(settings, model=model, corpus=corpus, out=tmp / "search.csv")
+    return tmp / "search.json"
+
+
+def run_score(model, corpus, tmp):
+    search.run_score(ScoreSettings(batch_size=2), model=model, plan=PLAN, corpus=corpus, out=tmp / "score.json")
+    return tmp / "score.json"
+
+
+def run_baselines(model, corpus, tmp):
+    (tmp / "selected.json").write_text(json.dumps({"plans": [str(PLAN)]}))
+    settings = BaselinesSettings(rules=["block_influence"], batch_size=2)
+    baselines.run_baselines(
+        settings, model=model, corpus=corpus, selected=tmp / "selected.json", out=tmp / "baselines.json"
+    )
+    return tmp / "baselines.json"
+
+
+def run_evaluate(model, corpus, tmp):
+    wikitext = tmp / "wiki.test.raw"
+    wikitext.write_bytes("\r\n".join(" ".join(f"w{(i * 7 + j) % 90}" for j in range(20)) for i in range(6)).encode())
+    settings = EvaluateSettings(
+        data_dir=None, tasks=["cqil_heldout"], questions={}, wikitext=str(wikitext), wikitext_tokens=100, batch_size=4
+    )
+    evaluate.run_evaluate(settings, model=model, corpus=corpus, plan=PLAN, out=tmp / "eval.json")
+    return tmp / "eval.json"
+
+
+STAGES = [run_similarity, run_sensitivity, run_search, run_score, run_baselines, run_evaluate]
+
+
+@pytest.mark.parametrize("stage", STAGES, ids=lambda stage: stage.__name__.removeprefix("run_"))
+def test_every_stage_asks_for_the_gpu(stage, gpus, asked, tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # lm-eval's datasets cache
+    corpus = tmp_path / "corpus.pt"
+    torch.save({split: blocks(seed=i) for i, split in enumerate(("calibration", "search", "finetune", "test"))}, corpus)
+    gpus(1)
+    written = stage(str(tiny_dir), corpus, tmp_path)
+    assert asked == [torch.device("cuda:0")]
+    assert json.loads(written.read_text())["provenance"]["settings"]["device"] == "cuda:0"
+
+
+def test_the_command_line_offers_the_device_of_every_stage():
+    for name in ("similarity", "sensitivity", "search", "score", "baselines", "evaluate"):
+        assert inspect.signature(STAGE_TABLE[name][1]).parameters["device"].default == "auto", name
+    args = build_parser().parse_args(["similarity", "--model", "m", "--corpus", "c", "--out", "o", "--device", "cuda"])
+    assert args.device == "cuda"
+
+
+# --- Every input goes to the model's device -----------------------------------------------------------------------
+
+
+class HostIds(torch.Tensor):
+    """Token ids as the corpus hands them over, on the host: they may be split, sliced, counted and moved (`.to`
+    gives a plain tensor); any computation with them raises, as a GPU model fed host tensors would."""
+
+    KEPT = {torch.Tensor.split, torch.Tensor.__getitem__, torch.Tensor.__len__, torch.Tensor.size}
+    KEPT |= {torch.Tensor.shape.__get__, torch.Tensor.device.__get__, torch.Tensor.dtype.__get__}
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.to:
+            return super().__torch_function__(func, types, args, kwargs).as_subclass(torch.Tensor)
+        if func in cls.KEPT:
+            return super().__torch_function__(func, types, args, kwargs)
+        raise AssertionError(f"{getattr(func, '__name__', func)} on host ids: they were not moved to the model")
+
+
+def test_host_ids_catch_an_input_left_on_the_host():
+    model = tiny_model(dtype=torch.float32)
+    with pytest.raises(AssertionError, match="not moved to the model"):
+        model(input_ids=blocks().as_subclass(HostIds))
+    assert model(input_ids=blocks().as_subclass(HostIds).to("cpu")).logits.shape == (4, 12, 96)
+
+
+@pytest.mark.parametrize(
+    "compute",
+    [
+        lambda model, ids: similarity(model, ids, batch_size=3),
+        lambda model, ids: sensitivity(model, ids, (2,), batch_size=3),
+        lambda model, ids: score_plans(model, ids, [PLAN], batch_size=3, progress=False),
+        lambda model, ids: score_plans(model, ids, [PLAN], batch_size=3, reuse_prefix=False, progress=False),
+        lambda model, ids: block_influence(model, ids, batch_size=3),
+        lambda model, ids: greedy_removal(model, ids, 2, [3, 4, 5], batch_size=3),
+        lambda model, ids: block_nll(model, ids[0], 5),
+    ],
+    ids=["similarity", "sensitivity", "search", "search-from-embeddings", "block-influence", "greedy", "perplexity"],
+)
+def test_every_batch_is_moved_to_the_model(compute):
+    model, ids = tiny_model(), blocks(n=5)
+    expected = compute(model, ids)
+    found = compute(model, ids.as_subclass(HostIds))
+    # the same numbers: only where the inputs live was watched
+    assert np.array_equal(found, expected) if isinstance(expected, np.ndarray) else found == expected
 
 
 # --- load_model honours the device for every kind of spec ----------------------------------------------------------
