@@ -1,9 +1,10 @@
-"""The `cqil` command line: three commands for people, and one sub-command per pipeline stage.
+"""The `cqil` command line: four commands for people, and one sub-command per pipeline stage.
 
     cqil info smollm2-135m
     cqil ppl --model smollm2-135m --plan S18-E28-P2-D0 --text README.md
     cqil generate --model smollm2-135m --plan S18-E28-P2-D0 "The capital of France is"
     cqil search --model smollm2-135m --corpus corpus.pt --settings '{"starts": [12]}' --out search.csv
+    cqil cost --configfile config/paper.yaml      # GPU-hours per stage of a run, from its config alone
 
 A stage's options are its run function's keyword arguments (`out_dir` is `--out-dir`), its settings
 come as one JSON object (`--settings`, the config section), see stages.py. Bad input (a plan, a model
@@ -18,7 +19,11 @@ import inspect
 import sys
 from pathlib import Path
 
+import yaml
+
+from .config import check_schema
 from .errors import CqilError
+from .memory import DEFAULT_TFLOPS, cost_table, merged
 from .metrics import perplexity
 from .models import DTYPES, describe, load_model
 from .plan import ENGINES, parse_plan
@@ -155,6 +160,21 @@ def cmd_generate(args) -> None:
     remove_plan(model)
 
 
+ROOT = Path(__file__).resolve().parents[1]  # the checkout: config/ and workflow/ beside the package
+
+
+def cmd_cost(args) -> None:
+    """Print the estimated GPU-hours of each stage of a run, per model, from its config alone (a Markdown table).
+
+    FLOPs per stage at a sustained rate (--tflops); latency from the weights streamed per decoded token.
+    The config is config/config.yaml with each --configfile merged over it, as Snakemake merges them."""
+    config = yaml.safe_load(Path(args.base).read_text())
+    for path in args.configfile:
+        config = merged(config, yaml.safe_load(Path(path).read_text()))
+    check_schema(config, ROOT / "workflow" / "schemas" / "config.schema.yaml")
+    print(cost_table(config, args.tflops))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cqil", description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
@@ -174,6 +194,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub.choices["generate"].add_argument("prompt")
     sub.choices["generate"].add_argument("--max-new-tokens", type=int, default=30)
+    cost = sub.add_parser("cost", help=cmd_cost.__doc__.splitlines()[0], description=cmd_cost.__doc__)
+    cost.set_defaults(func=cmd_cost)
+    cost.add_argument("--configfile", nargs="*", default=[], help="configs merged over --base, in order")
+    cost.add_argument("--base", default=str(ROOT / "config" / "config.yaml"), help="the default config")
+    cost.add_argument(
+        "--tflops",
+        type=float,
+        default=DEFAULT_TFLOPS,
+        help="sustained TFLOP/s of one GPU (default: %(default).1f, 40%% of the A100's 312 bf16 peak)",
+    )
     for name, (settings_class, run) in STAGES.items():  # the pipeline's stages; the Snakemake rules call these
         stage_parser(sub, name, settings_class, run)
     return parser

@@ -5,7 +5,8 @@
 The schema (JSON Schema draft 2020-12) checks keys, types, enums and ranges. Then each stage's section
 becomes that stage's settings, as the job will build them (stages.SECTIONS), so what the settings
 refuse (a missing file, a task without its data) fails here; and every plan and grid value must fit
-every model of the run, which needs the models' layer counts.
+every model of the run, which needs the models' layer counts. Last, each job's memory estimate (cqil/memory.py)
+must fit the host memory and the GPU its rule asks for.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import best_match
 
 from .errors import ConfigError, CqilError
+from .memory import check_memory
 from .plan import Plan
 from .stages import SECTIONS, settings
 
@@ -111,3 +113,4 @@ def check_config(config: dict, schema_path) -> None:
     check_settings(config)
     check_plans(config)
     check_latency(config)
+    check_memory(config)

@@ -1,0 +1,533 @@
+"""What each job of a run needs, from the config alone: memory (checked before any job) and GPU-hours.
+
+    check_memory(config)                          # raises ConfigError, one line naming the rule, model and fix
+    need = job_memory("finetune", "llama-33b", config)   # Memory(host=..., gpu=..., ranks=4), in bytes
+    print(cost_table(config, tflops=124.8))       # `cqil cost`: GPU-hours per stage and model, Markdown
+
+A model's shape comes from its config without reading a weight: its parameters are counted on the meta
+device, once per process. The config is the catalog entry's `shape` (a cqil.models.SHAPES name), a
+`random:` spec's, or the model's own where it is on this machine without a download (a local directory or
+GGUF file, a prepared embedded model, a Hub id in the Hugging Face cache). A model with none of these (a
+Hub id before its first download, without `shape`) is left out of the check; `cqil cost` refuses it.
+
+Each estimate is a sum of terms, one small function each, with the bytes it counts and where they come
+from. A job's host memory is held against `resources.<rule>.mem_mb` and its per-GPU memory against
+`resources.<rule>.gpu_mem_mb` (MiB, as mem_mb; no check where the config does not state it). docs/cost.md
+has the estimates of the paper run and the measurements behind the constants.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import MISSING, dataclass, fields
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from .baselines import BaselinesSettings
+from .data import token_dtype
+from .errors import ConfigError, CqilError, ModelError
+from .layers import decoder_layers
+from .models import EMBEDDED, RANDOM, load_config, random_config, resources_dir
+from .plan import Plan, Setup
+from .stages import SECTIONS, settings
+
+GIB, MIB = 2**30, 2**20
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
+
+# Host memory of one process beyond what it computes on: Python with torch, transformers, peft and lm-eval
+# imported, and the allocator's headroom (measured: docs/cost.md).
+PROCESS_BYTES = 1 * GIB
+# ... and of one process that holds a GPU: the CUDA runtime and its libraries (cuBLAS, cuDNN, NCCL) in host memory.
+CUDA_HOST_BYTES = 2 * GIB
+# GPU memory outside PyTorch's tensors: the CUDA context, cuBLAS workspaces, the caching allocator's rounding.
+CUDA_DEVICE_BYTES = 2 * GIB
+# Assumption: a GPU job loads its weights straight onto its GPU (load_model(device=...); safetensors are read
+# memory-mapped, a tensor at a time), so its host memory is its processes' runtimes and the corpus it reads,
+# never a host copy of the model. A job without a GPU computes in host memory: there it counts everything.
+
+# Fine-tuning keeps, per token and decoder layer, what autograd saves for the backward of a LoRA model (every
+# projection adapted) under bf16 autocast, in 2-byte activations: the MLP's gate, up, SiLU and product (8 i);
+# both RMSNorms' float32 input and bf16 output, q before and after RoPE, the attention output and o_proj's
+# input (25 h); k and v (4 kv). tests/test_memory.py counts the saved tensors of a real step against it.
+ACTIVATION_COEFFICIENTS = {"intermediate": 8, "hidden": 25, "kv": 4}
+# LoRA parameters in float32 (peft keeps adapters in float32 beside bf16 weights), their gradient, AdamW's two
+# moments, and DDP's gradient bucket: 4 + 4 + 8 + 4 bytes each.
+LORA_BYTES_PER_PARAMETER = 20
+# The KD loss per logit (B, T, V): student and teacher logits (bf16, 2 + 2), their float32 log-softmax (4 + 4),
+# kl_div's float32 temporaries (8) and the gradient of the student's log-softmax in the backward (4).
+KD_BYTES_PER_LOGIT = 24
+# Inference stages per logit: the original's float32 log-probs (kept for every variant), a variant's logits
+# (the model's dtype), their float32 log-probs and kl_div's float32 temporary.
+SCORE_BYTES_PER_LOGIT = 12
+# evaluate (lm-eval) pads a batch to its longest request: assumed at most 512 tokens (a multiple-choice question
+# with its context; lm-eval runs the longest batch first, so a task with longer questions fails at once).
+EVAL_TOKENS = 512
+# cqil cost: tokens that lm-eval scores per question (context and every choice): an assumption, not a count.
+EVAL_TOKENS_PER_QUESTION = 512
+TASK_QUESTIONS = {  # evaluated questions of a task the config does not subset (the sets' sizes)
+    "arc_easy_local": 2376,
+    "arc_challenge_local": 1172,
+    "piqa_local": 1838,
+    "winogrande_local": 1267,
+    "openbookqa_local": 500,
+    "sciq": 1000,
+    "mmlu": 14042,
+}
+A100_BF16_PEAK = 312e12  # FLOP/s, dense
+DEFAULT_TFLOPS = 0.4 * A100_BF16_PEAK / 1e12  # sustained: 40% of the A100's bf16 peak
+FP64_SLOWDOWN = 16  # the similarity's Gram matrix is float64: A100 19.5 fp64 tensor-core vs 312 bf16 TFLOP/s
+HBM_BYTES_PER_S = 1.70e12  # latency's decode streams the weights: the A100-80GB preset of cqil.simulate
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the estimates need of a model: counted on the meta device."""
+
+    parameters: int  # every parameter (embeddings, layers, head)
+    layer_parameters: int  # of one decoder layer
+    layers: int
+    hidden: int
+    intermediate: int
+    kv: int  # key/value width: kv heads x head dim
+    vocab: int
+    dtype_bytes: int  # bytes per weight as the stages load it
+
+
+@dataclass(frozen=True)
+class Memory:
+    host: int  # bytes of the whole job in host memory (all its processes)
+    gpu: int  # bytes on each of its GPUs (0: the job holds none)
+    ranks: int  # processes
+
+
+# --- the model's shape -------------------------------------------------------------------------------------------
+
+
+def _local_config(spec: str, shape: str | None):
+    """A model's transformers config without a download: `shape`, a random: spec, or the model's own files."""
+    if shape or spec.startswith(RANDOM):
+        return random_config(RANDOM + shape if shape else spec)
+    if spec in EMBEDDED:
+        prepared = resources_dir() / "models" / spec
+        return AutoConfig.from_pretrained(prepared) if (prepared / "config.json").is_file() else None
+    if Path(spec).is_dir() or Path(spec).suffix == ".gguf":
+        return load_config(spec)
+    try:  # a Hub id: its config.json in the Hugging Face cache, if a run or `cqil info` read it before
+        return AutoConfig.from_pretrained(spec, local_files_only=True)
+    except (OSError, ValueError):
+        return None
+
+
+@functools.cache
+def model_shape(spec: str, shape: str | None = None, dtype: str = "auto") -> Shape | None:
+    """The shape of a catalog entry (spec, shape, dtype); None where its config is not on this machine."""
+    config = _local_config(spec, shape)
+    if config is None:
+        return None
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if dtype == "auto":  # the checkpoint's own dtype; a random or named shape loads in float32
+        dtype = str(getattr(config, "dtype", None) or "float32").removeprefix("torch.")
+    return Shape(
+        parameters=sum(p.numel() for p in skeleton.parameters()),
+        layer_parameters=sum(p.numel() for p in decoder_layers(skeleton)[0].parameters()),
+        layers=config.num_hidden_layers,
+        hidden=config.hidden_size,
+        intermediate=config.intermediate_size,
+        kv=config.num_key_value_heads * head_dim,
+        vocab=config.vocab_size,
+        dtype_bytes=DTYPE_BYTES.get(dtype, 4),
+    )
+
+
+def catalog_shape(config: dict, model: str) -> Shape | None:
+    entry = config["catalog"][model]
+    try:
+        return model_shape(entry["spec"], entry.get("shape"), entry.get("dtype", "auto"))
+    except ModelError as err:
+        field = "shape" if entry.get("shape") else "spec"
+        raise ConfigError(f"config.catalog.{model}.{field}: {err}") from None
+
+
+# --- the terms (bytes) -------------------------------------------------------------------------------------------
+
+
+def weight_bytes(shape: Shape) -> int:
+    return shape.parameters * shape.dtype_bytes
+
+
+def layer_inputs_bytes(shape: Shape, tokens: int) -> int:
+    """The input of every decoder layer, kept for a batch (similarity, sensitivity, search, score)."""
+    return shape.layers * tokens * shape.hidden * shape.dtype_bytes
+
+
+def working_bytes(shape: Shape, tokens: int) -> int:
+    """One decoder layer's transient tensors in a forward without autograd: gate, up and their product; q, the
+    attention output and o_proj's; k and v."""
+    return tokens * (3 * shape.intermediate + 3 * shape.hidden + 2 * shape.kv) * shape.dtype_bytes
+
+
+def kv_cache_bytes(shape: Shape, tokens: int) -> int:
+    """Keys and values of every layer for `tokens` (batch x length) in the model's dtype."""
+    return shape.layers * tokens * 2 * shape.kv * shape.dtype_bytes
+
+
+def activation_bytes_per_token_layer(shape: Shape, act_bytes: int = 2) -> int:
+    """What a fine-tuning step keeps per token and decoder layer for the backward (ACTIVATION_COEFFICIENTS),
+    scaled from 2-byte activations to `act_bytes`."""
+    c = ACTIVATION_COEFFICIENTS
+    per = c["intermediate"] * shape.intermediate + c["hidden"] * shape.hidden + c["kv"] * shape.kv
+    return per * act_bytes // 2
+
+
+def train_activation_bytes(shape: Shape, tokens: int, checkpointing: bool, group: int, act_bytes: int = 2) -> int:
+    """The backward's activations: every layer's without checkpointing; with it, each layer's input
+    (`act_bytes` per hidden unit) plus one recomputed unit, a CQIL group of `group` layers at most."""
+    per_layer = activation_bytes_per_token_layer(shape, act_bytes) * tokens
+    if not checkpointing:
+        return shape.layers * per_layer
+    return shape.layers * tokens * shape.hidden * act_bytes + group * per_layer
+
+
+def lora_parameters(shape: Shape, rank: int, targets: list, layers: int) -> int:
+    """r x (in + out) per adapted projection and layer."""
+    widths = {  # (in + out) of each projection
+        "q_proj": 2 * shape.hidden,
+        "k_proj": shape.hidden + shape.kv,
+        "v_proj": shape.hidden + shape.kv,
+        "o_proj": 2 * shape.hidden,
+        "gate_proj": shape.hidden + shape.intermediate,
+        "up_proj": shape.hidden + shape.intermediate,
+        "down_proj": shape.hidden + shape.intermediate,
+    }
+    return rank * layers * sum(widths.get(t, 2 * shape.hidden) for t in targets)
+
+
+def corpus_bytes(config: dict, split: str) -> int:
+    """One split as `load_split` gives it to a stage: int64 ids (cqil/data.py), 8 bytes a token."""
+    corpus = config["corpus"]
+    return corpus["blocks"][split] * corpus["block_size"] * 8
+
+
+# --- per rule: what one rank computes on (its GPU, or host memory), the corpus it reads, the ranks -------------
+
+
+def _section(config: dict, section: str) -> SimpleNamespace:
+    """A section's settings as its stage reads them: the config's values over the settings class's defaults.
+    Not the class itself: check_settings has built it already, and some classes' checks are slow (lm-eval tasks)."""
+    defaults = {f.name: f.default_factory() if f.default is MISSING else f.default for f in fields(SECTIONS[section])}
+    return SimpleNamespace(**defaults | config.get(section, {}))
+
+
+def largest_group(config: dict, model: str) -> int:
+    """The largest CQIL group a selected plan can have: a checkpointed unit of fine-tuning."""
+    named = config["search"].get("include", []) + config["catalog"][model].get("plans", [])
+    return max([*config["search"]["sizes"], *(Plan.parse(p).size for p in named)])
+
+
+def _scoring(shape: Shape, config: dict, section: str) -> int:
+    tokens = _section(config, section).batch_size * config["corpus"]["block_size"]
+    logits = tokens * shape.vocab * (SCORE_BYTES_PER_LOGIT + shape.dtype_bytes)
+    return weight_bytes(shape) + layer_inputs_bytes(shape, tokens) + logits + working_bytes(shape, tokens)
+
+
+def similarity_need(shape: Shape, config: dict, model: str):
+    tokens = _section(config, "similarity").batch_size * config["corpus"]["block_size"]
+    # every layer's input as float64 states (L, N, C), normalized, and the copies einsum makes of both operands
+    states = 3 * shape.layers * tokens * shape.hidden * 8
+    compute = weight_bytes(shape) + layer_inputs_bytes(shape, tokens) + states + working_bytes(shape, tokens)
+    return compute, corpus_bytes(config, _section(config, "similarity").split), 1
+
+
+def scoring_need(section: str):
+    def need(shape: Shape, config: dict, model: str):
+        return _scoring(shape, config, section), corpus_bytes(config, _section(config, section).split), 1
+
+    return need
+
+
+def finetune_need(shape: Shape, config: dict, model: str):
+    s = _section(config, "finetune")
+    ranks = max(_resources(config, "finetune")["gpu"], 1)  # torchrun: a process per GPU
+    tokens = math.ceil(s.batch_size / ranks) * config["corpus"]["block_size"]  # each rank's slice of a micro-batch
+    act = 2 if _on_gpu(config, "finetune") and s.mixed_precision != "no" else shape.dtype_bytes  # bf16 autocast
+    group = largest_group(config, model)
+    train = (
+        train_activation_bytes(shape, tokens, s.gradient_checkpointing, group, act)
+        + lora_parameters(shape, s.lora_r, s.target_modules, shape.layers) * LORA_BYTES_PER_PARAMETER
+        + tokens * shape.vocab * KD_BYTES_PER_LOGIT  # at most: the lm loss alone keeps less
+    )
+    # before and after training, divergence() scores the held-out blocks 4 at a time, without autograd
+    held_out = 4 * config["corpus"]["block_size"] * shape.vocab * (SCORE_BYTES_PER_LOGIT + shape.dtype_bytes)
+    corpus = corpus_bytes(config, s.split) + corpus_bytes(config, s.eval_split)
+    return weight_bytes(shape) + max(train, held_out), corpus, ranks
+
+
+def evaluate_need(shape: Shape, config: dict, model: str):
+    tokens = _section(config, "evaluate").batch_size * EVAL_TOKENS
+    logits = tokens * shape.vocab * 2 * shape.dtype_bytes  # logits and lm-eval's log-softmax, in the model's dtype
+    compute = weight_bytes(shape) + kv_cache_bytes(shape, tokens) + logits + working_bytes(shape, tokens)
+    return compute, 0, 1
+
+
+def latency_setups(config: dict, model: str) -> list[Setup]:
+    """The setups the latency rule times for a model (as workflow/rules/common.smk lists them)."""
+    entry, wanted = config["catalog"][model], config["latency_setups"]
+    plans = dict.fromkeys(wanted["plans"] + entry.get("plans", []))
+    degrees = [n for n in wanted["tp_degrees"] if entry["heads"] % n == 0 and entry["kv_heads"] % n == 0]
+    return [Setup("original")] + [Setup.parse(f"cqil-{p}") for p in plans] + [Setup("tp", degree=n) for n in degrees]
+
+
+def latency_need(shape: Shape, config: dict, model: str):
+    s = _section(config, "latency")
+    ranks = max(setup.ranks for setup in latency_setups(config, model))
+    copies = 2 if s.interleaved_baseline and ranks > 1 else 1  # rank 0 keeps the original beside the engine
+    prompt = s.batch_size * max(s.prompt_lengths)
+    cache = kv_cache_bytes(shape, s.batch_size * (max(s.prompt_lengths) + s.new_tokens))
+    return copies * weight_bytes(shape) + cache + working_bytes(shape, prompt), 0, ranks  # each rank loads it whole
+
+
+def corpus_need(shape: Shape, config: dict, model: str):
+    s = _section(config, "corpus")
+    tokens = sum(s.blocks.values()) * s.block_size
+    arrays = tokens * token_dtype(shape.vocab).itemsize  # the splits, preallocated (cqil/data.py)
+    if s.source != "generate":
+        return 0, arrays, 1
+    written = s.batch_size * (s.max_new_tokens + 64)  # documents written at once: prompt and new tokens
+    return weight_bytes(shape) + kv_cache_bytes(shape, written) + working_bytes(shape, written), arrays, 1
+
+
+RULES = {  # rule -> what one job of it needs; the rules that load a model
+    "corpus": corpus_need,
+    "similarity": similarity_need,
+    "sensitivity": scoring_need("sensitivity"),
+    "search": scoring_need("search"),
+    "score": scoring_need("score"),
+    "baselines": scoring_need("baselines"),
+    "finetune": finetune_need,
+    "evaluate": evaluate_need,
+    "latency": latency_need,
+}
+
+
+def _resources(config: dict, rule: str) -> dict:
+    """A rule's entry in config.resources over the default (as workflow/rules/common.smk reads it)."""
+    return {**config["resources"]["default"], **config["resources"].get(rule, {})}
+
+
+def _on_gpu(config: dict, rule: str) -> bool:
+    return _resources(config, rule)["gpu"] > 0 and config.get("device", "auto") != "cpu"
+
+
+def job_memory(rule: str, model: str, config: dict) -> Memory | None:
+    """Host memory of a job of `rule` for `model` and the memory of each of its GPUs; None: shape unknown."""
+    shape = catalog_shape(config, model)
+    if shape is None:
+        return None
+    compute, corpus, ranks = RULES[rule](shape, config, model)
+    on_gpu = _on_gpu(config, rule) and compute > 0  # a corpus job without a model to write text uses no GPU
+    process = PROCESS_BYTES + (CUDA_HOST_BYTES if on_gpu else 0)
+    host = ranks * (process + corpus + (0 if on_gpu else compute))
+    return Memory(host=host, gpu=compute + CUDA_DEVICE_BYTES if on_gpu else 0, ranks=ranks)
+
+
+def jobs(config: dict) -> list[tuple[str, str]]:
+    """(rule, model) of every job kind the run has that loads a model."""
+    models, timed = config["models"], (config.get("latency_setups") or {"models": []})["models"]
+    baselines = BaselinesSettings(**config["baselines"]).active if "baselines" in config else False
+    return [
+        (rule, model)
+        for rule in RULES
+        for model in (timed if rule == "latency" else models)
+        if rule != "baselines" or baselines
+    ]
+
+
+# --- the check ---------------------------------------------------------------------------------------------------
+
+
+BATCHED = ("similarity", "sensitivity", "search", "score", "baselines", "finetune", "evaluate")  # section.batch_size
+
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:.0f} GiB" if n >= 10 * GIB else f"{n / GIB:.1f} GiB"
+
+
+def _edited(config: dict, section: str, **values) -> dict:
+    return {**config, section: {**config.get(section, {}), **values}}
+
+
+def _gpu_fix(rule: str, model: str, config: dict, limit: int) -> str:
+    """The first change that makes the job fit its GPU: checkpointing, a smaller batch, else a larger GPU."""
+    tries = []
+    if rule == "finetune" and not _section(config, "finetune").gradient_checkpointing:
+        tries.append(
+            ("set finetune.gradient_checkpointing: true", _edited(config, "finetune", gradient_checkpointing=True))
+        )
+    if rule in BATCHED:
+        current = _section(config, rule).batch_size
+        tries += [
+            (f"set {rule}.batch_size: {b}", _edited(config, rule, batch_size=b)) for b in range(current - 1, 0, -1)
+        ]
+    for fix, edited in tries:
+        if job_memory(rule, model, edited).gpu <= limit:
+            return fix
+    need = job_memory(rule, model, config).gpu
+    return f"set resources.{rule}.gpu_mem_mb to at least {math.ceil(need / MIB)} (a larger GPU)"
+
+
+def check_memory(config: dict) -> None:
+    """Each job's host memory against its mem_mb, and each of its GPUs' against gpu_mem_mb: one line if one fails."""
+    for rule, model in jobs(config):
+        need = job_memory(rule, model, config)
+        if need is None:
+            continue
+        res = _resources(config, rule)
+        if need.host > res["mem_mb"] * MIB:
+            ask = math.ceil(need.host / MIB / 1000) * 1000
+            raise ConfigError(
+                f"config.resources.{rule}.mem_mb: {rule} of {model} needs ~{_gib(need.host)} of host memory "
+                f"({need.ranks} process{'es' if need.ranks > 1 else ''}), the job asks for {res['mem_mb']} MB: "
+                f"set resources.{rule}.mem_mb: {ask}"
+            )
+        if need.gpu and "gpu_mem_mb" in res and need.gpu > res["gpu_mem_mb"] * MIB:
+            raise ConfigError(
+                f"config.resources.{rule}: {rule} of {model} needs ~{_gib(need.gpu)} per GPU, the GPU has "
+                f"{_gib(res['gpu_mem_mb'] * MIB)}: {_gpu_fix(rule, model, config, res['gpu_mem_mb'] * MIB)}"
+            )
+
+
+# --- the cost: GPU-hours per stage -------------------------------------------------------------------------------
+
+
+def forward_flops(shape: Shape, tokens: int, seq: int, layers: int, head: bool = True) -> float:
+    """A forward of `tokens` (in sequences of `seq`) through `layers` decoder layers and, with `head`, the LM head:
+    2 FLOPs per weight and token, and causal attention's QK^T and AV (2 seq h per token and layer)."""
+    per_token = layers * (2 * shape.layer_parameters + 2 * seq * shape.hidden)
+    return tokens * (per_token + (2 * shape.hidden * shape.vocab if head else 0))
+
+
+def selected_plans(config: dict, model: str) -> int:
+    """Plans `select` carries forward at most: per_size for each P, and the named ones (config and catalog)."""
+    select = _section(config, "select")
+    return select.per_size * len(config["search"]["sizes"]) + len(
+        set(select.always) | set(config["catalog"][model].get("plans", []))
+    )
+
+
+def _split_tokens(config: dict, split: str) -> int:
+    return config["corpus"]["blocks"][split] * config["corpus"]["block_size"]
+
+
+def evaluated_tokens(config: dict) -> int:
+    """Tokens lm-eval scores per variant: each task's questions (EVAL_TOKENS_PER_QUESTION each), and WikiText-2."""
+    s = _section(config, "evaluate")
+    total = s.wikitext_tokens if s.wikitext else 0
+    for task in s.tasks:
+        if task not in s.questions and task not in TASK_QUESTIONS:
+            raise CqilError(
+                f"evaluate.tasks: {task!r} has no known size (known: {', '.join(TASK_QUESTIONS)}); "
+                f"give its questions in evaluate.questions"
+            )
+        questions = s.questions.get(task, TASK_QUESTIONS.get(task))
+        total += min(questions, s.limit or questions) * EVAL_TOKENS_PER_QUESTION
+    return total
+
+
+def stage_flops(shape: Shape, config: dict, model: str) -> dict[str, float]:
+    """FLOPs of each compute stage for one model (latency apart: it is bound by memory, see latency_seconds)."""
+    block, layers = config["corpus"]["block_size"], shape.layers
+    similarity, sensitivity = _section(config, "similarity"), _section(config, "sensitivity")
+    calibration = _split_tokens(config, similarity.split)
+    gram = 2 * layers**2 * (calibration - calibration // block) * shape.hidden * FP64_SLOWDOWN  # float64, A100 rate
+    variants = [(i, k) for k in sensitivity.distances for i in range(k, layers)]
+    search = _section(config, "search")
+    search.include = search.include + config["catalog"][model].get("plans", [])  # as the rule passes them
+    search = settings(SECTIONS["search"], vars(search), "search")
+    finetune = _section(config, "finetune")
+    passes = 2 + ("kd" in finetune.loss) + finetune.gradient_checkpointing  # student fwd+bwd, teacher, recompute
+    steps_tokens = finetune.steps * finetune.grad_accum * finetune.batch_size * block
+    ranks = max(_resources(config, "finetune")["gpu"], 1)  # each rank scores the held-out blocks before and after
+    plans = selected_plans(config, model)
+    return {
+        "similarity": forward_flops(shape, calibration, block, layers, head=False) + gram,
+        "sensitivity": _split_tokens(config, sensitivity.split)
+        * sum(forward_flops(shape, 1, block, n) for n in [layers] + [layers - i for i, _ in variants]),
+        "search": _split_tokens(config, search.split)
+        * sum(forward_flops(shape, 1, block, n) for n in [layers] + [layers - p.start for p in search.plans(layers)]),
+        "score": plans
+        * 2
+        * forward_flops(shape, _split_tokens(config, _section(config, "score").split), block, layers),
+        "finetune": plans
+        * (
+            passes * forward_flops(shape, steps_tokens, block, layers)
+            + ranks * 4 * forward_flops(shape, _split_tokens(config, finetune.eval_split), block, layers)
+        ),
+        "evaluate": (1 + 2 * plans) * forward_flops(shape, evaluated_tokens(config), EVAL_TOKENS_PER_QUESTION, layers),
+    }
+
+
+def latency_seconds(shape: Shape, config: dict, model: str, rate: float) -> float:
+    """GPU-seconds of the latency jobs: every rank held while a repeat prefills (compute) and decodes (the weights
+    streamed once per token); a lower bound, without loading the weights or eager decode's launch costs."""
+    s = _section(config, "latency")
+    total = 0.0
+    for setup in latency_setups(config, model):
+        repeat = sum(
+            forward_flops(shape, s.batch_size * n, n, shape.layers) / rate
+            + s.new_tokens * weight_bytes(shape) / HBM_BYTES_PER_S
+            for n in s.prompt_lengths
+        )
+        timed = 2 if s.interleaved_baseline and setup.ranks > 1 else 1  # the original timed between repeats
+        total += setup.ranks * (s.warmup + s.repeats) * repeat * timed
+    return total
+
+
+def stage_hours(config: dict, model: str, tflops: float) -> dict[str, tuple[float | None, float]]:
+    """Stage -> (FLOPs, GPU-hours) for one model at `tflops` sustained (latency: FLOPs None, time-bound)."""
+    shape = catalog_shape(config, model)
+    if shape is None:
+        raise CqilError(
+            f"catalog.{model}: its config is not on this machine: set catalog.{model}.shape "
+            f"(one of cqil.models.SHAPES) or run `cqil info {config['catalog'][model]['spec']}` once"
+        )
+    rate = tflops * 1e12
+    hours = {stage: (flops, flops / rate / 3600) for stage, flops in stage_flops(shape, config, model).items()}
+    timed = model in (config.get("latency_setups") or {"models": []})["models"]
+    return hours | {"latency": (None, latency_seconds(shape, config, model, rate) / 3600 if timed else 0.0)}
+
+
+def cost_table(config: dict, tflops: float = DEFAULT_TFLOPS) -> str:
+    """GPU-hours per stage (rows) and model (columns) as a Markdown table, with each stage's PFLOP over all models."""
+    models = list(dict.fromkeys(config["models"] + (config.get("latency_setups") or {"models": []})["models"]))
+    per_model = {m: stage_hours(config, m, tflops) if m in config["models"] else {} for m in models}
+    for m in models:  # a model timed only: latency alone
+        if not per_model[m]:
+            per_model[m] = {"latency": stage_hours(config, m, tflops)["latency"]}
+    stages = list(dict.fromkeys(stage for hours in per_model.values() for stage in hours))
+    lines = [
+        f"| stage | {' | '.join(models)} | all models | PFLOP |",
+        "|---" * (len(models) + 3) + "|",
+    ]
+    for stage in stages:
+        cells = [per_model[m].get(stage, (0.0, 0.0)) for m in models]
+        flops = [f for f, _ in cells if f is not None]
+        pflop = f"{sum(flops) / 1e15:,.0f}" if stage != "latency" else "-"
+        row = " | ".join(f"{h:,.2f}" for _, h in cells)
+        lines.append(f"| {stage} | {row} | {sum(h for _, h in cells):,.2f} | {pflop} |")
+    totals = [sum(h for _, h in per_model[m].values()) for m in models]
+    lines.append(f"| **total** | {' | '.join(f'{t:,.0f}' for t in totals)} | **{sum(totals):,.0f}** | |")
+    return "\n".join(lines)
+
+
+def merged(base: dict, overlay: dict) -> dict:
+    """`overlay` over `base`, mappings merged key by key (as Snakemake merges a --configfile over the default)."""
+    out = dict(base)
+    for key, value in overlay.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
