@@ -6,8 +6,9 @@ and WikiText-2 perplexity; every question's score is kept, for the paired interv
 
 The lm-eval tasks in `cqil/tasks/` are the harness's own task configs pointed at local files
 (`dataset_path: json` / `csv`, `${data_dir}` filled in by `render_tasks`), so they run offline; the data
-of the default ships in `data/` (provenance: data/SOURCES.md). `questions` evaluates a seeded subset of a
-task, the same questions for every variant, so that differences between variants are paired.
+of the default ships in `data/` (provenance: data/SOURCES.md). A group file there wraps lm-eval's own Hub
+tasks (`mmlu_5shot`: the paper's MMLU 5-shot) and is scored as one task. `questions` evaluates a seeded subset
+of a task, the same questions for every variant, so that differences between variants are paired.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ import json
 import random
 import re
 import tempfile
+from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from functools import reduce
 from pathlib import Path
 from string import Template
 
 import torch
+import yaml
 
 from .data import load_split
 from .errors import CqilError
@@ -44,6 +47,21 @@ def local_tasks() -> dict[str, str]:
 def task_files(template: str, data_dir) -> list[Path]:
     """The data files (or glob patterns) a task template reads, under `data_dir`."""
     return [Path(data_dir) / name for name in re.findall(r"\$\{data_dir\}/(\S+)", template)]
+
+
+def lm_eval_members(task: str) -> list[str]:
+    """The lm-eval tasks that a group file of `cqil/tasks/` is built on (its `task:` list); none for a task file."""
+    template = local_tasks().get(task)
+    config = yaml.safe_load(template) if template else {}
+    return list(config["task"]) if "group" in config else []
+
+
+def hub_tasks(tasks) -> list[str]:
+    """lm-eval's own tasks that evaluating `tasks` reads from the Hub, which `prepare_tasks` fetches: the names
+    that are not ours, and the tasks that our group files are built on (mmlu for mmlu_5shot)."""
+    local = local_tasks()
+    theirs = [task for task in tasks if task not in local and task not in CORPUS_TASKS]
+    return list(dict.fromkeys(theirs + [member for task in tasks for member in lm_eval_members(task)]))
 
 
 def present(path: Path) -> bool:
@@ -118,7 +136,8 @@ def known_lm_eval_task(name: str) -> bool:
 
 def render_tasks(out_dir, data_dir=None, corpus_tasks=None) -> Path:
     """Write the task YAMLs of `cqil/tasks/` whose files are given, with absolute paths (lm-eval resolves
-    relative ones against the working directory), to `out_dir`: the include path for `lm_eval_tasks`.
+    relative ones against the working directory), and those that read no file of ours (a group of lm-eval's
+    Hub tasks), to `out_dir`: the include path for `lm_eval_tasks`.
 
     data_dir: the evaluation data in the layout of data/ (ARC, PIQA, Winogrande, OpenBookQA; MMLU, BoolQ);
     corpus_tasks: the folder `build_corpus_tasks` wrote (cqil_heldout, cqil_cloze).
@@ -175,8 +194,9 @@ def lm_eval_tasks(
     """lm-eval's `simple_evaluate` on the in-memory model.
 
     Returns {task: {metric: value, metric_stderr: value}} and, for multiple-choice tasks, every question's
-    scores {task: {"doc_id": [...], "acc": [...], "acc_norm": [...], "choices": [...]}}. `questions` asks for
-    a seeded subset of a task's questions (the same for every model: the indices depend on the seed alone).
+    scores {task: {"doc_id": [...], "acc": [...], "acc_norm": [...], "choices": [...]}} (a group as one task).
+    `questions` asks for a seeded subset of a task's questions (the same for every model: the indices depend on
+    the seed alone).
     """
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -185,12 +205,10 @@ def lm_eval_tasks(
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(next(model.parameters()).device))
     local = {path.stem for path in Path(include_path).glob("*.yaml")}
     # lm-eval's own tasks (sciq, winogrande, ... from the Hub) only when asked: scanning them takes 13 s
-    manager = TaskManager(include_path=str(include_path), include_defaults=not set(tasks) <= local)
-    samples = None
+    defaults = not set(tasks) <= local or any(lm_eval_members(task) for task in tasks)
+    manager = TaskManager(include_path=str(include_path), include_defaults=defaults)
     questions = {task: count for task, count in (questions or {}).items() if task in tasks}
-    if questions:  # lm-eval takes `samples` for every task or none: all of a task not named
-        sizes = {task: len(loaded.eval_docs) for task, loaded in manager.load(tasks)["tasks"].items()}
-        samples = {task: subset(size, questions.get(task, size), seed, task) for task, size in sizes.items()}
+    samples = question_subsets(manager.load(tasks), questions, seed) if questions else None
     out = simple_evaluate(
         model=lm,
         tasks=tasks,
@@ -208,16 +226,49 @@ def lm_eval_tasks(
         task: {key.replace(",none", ""): value for key, value in metrics.items() if key != "alias"}
         for task, metrics in out["results"].items()
     }
+    return results, question_items(out, tasks)
+
+
+def subtasks(name: str, groups: dict) -> list[str]:
+    """The tasks that a group holds, through its subgroups (a task: itself), given lm-eval's group -> children."""
+    return [leaf for child in groups[name] for leaf in subtasks(child, groups)] if name in groups else [name]
+
+
+def question_subsets(loaded: dict, questions: dict, seed: int) -> dict[str, list[int]]:
+    """lm-eval's `samples` (it takes them for every task or none): a named task's seeded subset, all of the others.
+    A group is evaluated whole: lm-eval reads an empty subset of one of its subtasks as all of it."""
+    sizes = {task: len(built.eval_docs) for task, built in loaded["tasks"].items()}
+    for group in questions.keys() & loaded["group_map"].keys():
+        total = sum(sizes[task] for task in subtasks(group, loaded["group_map"]))
+        if questions[group] < total:
+            raise CqilError(
+                f"evaluate.questions.{group}: {questions[group]} of its {total} questions, but a group of tasks "
+                f"is evaluated whole (give {total} or leave it out)"
+            )
+    return {task: subset(size, questions.get(task, size), seed, task) for task, size in sizes.items()}
+
+
+def question_items(out: dict, tasks: list[str]) -> dict:
+    """Every question's scores per multiple-choice task asked for. A group's subtasks count as one task (one row
+    in the quality table, like one task of a paper), their questions numbered on from one subtask to the next in
+    name order."""
+    groups = out.get("group_subtasks", {})
+    owner = {task: name for name in tasks for task in subtasks(name, groups)}
+    rows, offset = defaultdict(list), defaultdict(int)
+    for task in sorted(out.get("samples", {})):
+        name = owner.get(task, task)
+        rows[name] += [row | {"doc_id": offset[name] + row["doc_id"]} for row in out["samples"][task]]
+        offset[name] += out["n-samples"][task]["original"]
     items = {}
-    for task, rows in out.get("samples", {}).items():
-        if rows and "acc" in rows[0]:  # multiple choice: one row per question
-            rows = sorted(rows, key=lambda row: row["doc_id"])
-            items[task] = {
-                "doc_id": [row["doc_id"] for row in rows],
-                "choices": [len(row["filtered_resps"]) for row in rows],
-                **{name: [row[name] for row in rows] for name in TASK_ITEMS if name in rows[0]},
+    for name, found in rows.items():
+        if found and "acc" in found[0]:  # multiple choice: one row per question
+            found = sorted(found, key=lambda row: row["doc_id"])
+            items[name] = {
+                "doc_id": [row["doc_id"] for row in found],
+                "choices": [len(row["filtered_resps"]) for row in found],
+                **{metric: [row[metric] for row in found] for metric in TASK_ITEMS if metric in found[0]},
             }
-    return results, items
+    return items
 
 
 def subset(total: int, count: int, seed: int, task: str) -> list[int]:

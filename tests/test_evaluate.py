@@ -3,15 +3,18 @@ seeded, WikiText-2 perplexity, and bad settings fail before any model loads."""
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import ROOT, SHARED_DATA, tiny_model, tiny_tokenizer
 
 from cqil.errors import CqilError
 from cqil.evaluate import (
     EvaluateSettings,
     build_corpus_tasks,
+    hub_tasks,
     lm_eval_tasks,
     local_tasks,
     present,
@@ -31,6 +34,7 @@ ROWS = {
     "openbookqa_local": 500,
 }  # what data/ ships; MMLU and BoolQ are read from ../shared/data
 SHARED_ROWS = {"mmlu_local": 14042, "boolq_local": 3270}
+HUB_GROUPS = ["mmlu_5shot"]  # groups of lm-eval's Hub tasks: they read no file of ours
 
 
 @pytest.fixture(autouse=True)
@@ -41,7 +45,8 @@ def offline(tmp_path, monkeypatch):
 
 def test_task_yamls_render_with_absolute_paths(tmp_path):
     out = render_tasks(tmp_path / "tasks", data_dir=os.path.relpath(DATA))
-    assert sorted(p.name for p in out.glob("*.yaml")) == sorted(f"{n}.yaml" for n in ROWS | SHARED_ROWS)  # not cqil_*
+    rendered = sorted(p.name for p in out.glob("*.yaml"))
+    assert rendered == sorted(f"{n}.yaml" for n in [*ROWS, *SHARED_ROWS, *HUB_GROUPS])  # not cqil_*
     text = (out / "arc_easy_local.yaml").read_text()
     assert "${" not in text and f"{DATA.resolve()}/arc/ARC-Easy-test.jsonl" in text
 
@@ -150,9 +155,74 @@ def test_corpus_tasks_run_on_a_tiny_model(tmp_path):
     truth = [tokenizer.decode(b[6:]) for b in blocks]
     assert all(row["choices"][row["answer"]] == truth[i] for i, row in enumerate(cloze))
     include = render_tasks(tmp_path / "tasks", corpus_tasks=folder)
-    assert sorted(p.name for p in include.glob("*.yaml")) == ["cqil_cloze.yaml", "cqil_heldout.yaml"]
+    assert sorted(p.name for p in include.glob("*.yaml")) == ["cqil_cloze.yaml", "cqil_heldout.yaml", "mmlu_5shot.yaml"]
     results, items = lm_eval_tasks(
         tiny_model(dtype=torch.float32), tokenizer, ["cqil_heldout", "cqil_cloze"], include, batch_size=4
     )
     assert results["cqil_cloze"]["sample_len"] == 6 and 0 <= results["cqil_cloze"]["acc"] <= 1
     assert results["cqil_heldout"]["word_perplexity"] > 1 and len(items["cqil_cloze"]["acc"]) == 6
+
+
+def test_the_paper_config_fetches_the_hub_data_of_its_tasks():
+    """prepare_tasks fetches lm-eval's own tasks and those our groups wrap; never ours or the corpus's."""
+    paper = yaml.safe_load((ROOT / "config" / "paper.yaml").read_text())["evaluate"]["tasks"]
+    assert "mmlu_5shot" in paper and "mmlu" not in paper  # the paper's MMLU is 5-shot
+    assert hub_tasks(paper) == ["sciq", "mmlu"]
+    assert hub_tasks(["arc_easy_local", "cqil_cloze", "mmlu_local"]) == []
+
+
+def mmlu_stand_in(root, test_rows=2, dev_rows=6):
+    """A local folder `cais/mmlu` in the layout of the Hub dataset (a config per subject; question, subject,
+    choices, answer) with a few rows per split: what `datasets.load_dataset("cais/mmlu", subject)` reads when
+    the working directory holds it. Returns the subjects, from lm-eval's own mmlu task files."""
+    import lm_eval
+
+    folder = Path(lm_eval.__file__).parent / "tasks" / "mmlu" / "default"
+    subjects = sorted(yaml.safe_load(path.read_text())["dataset_name"] for path in folder.glob("mmlu_*.yaml"))
+    configs = []
+    for subject in subjects:
+        (root / subject).mkdir(parents=True)
+        for split, count in (("test", test_rows), ("dev", dev_rows)):
+            rows = [
+                {
+                    "question": f"w{i} {split} {subject}?",
+                    "subject": subject,
+                    "choices": ["w1", "w2", "w3", "w4"],
+                    "answer": i % 4,
+                }
+                for i in range(count)
+            ]
+            (root / subject / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+        files = [{"split": split, "path": f"{subject}/{split}.jsonl"} for split in ("test", "dev")]
+        configs.append({"config_name": subject, "data_files": files})
+    (root / "README.md").write_text("---\n" + yaml.safe_dump({"configs": configs}) + "---\n")
+    return subjects
+
+
+def test_mmlu_5shot_is_lm_evals_mmlu_with_five_examples_of_each_subject_scored_as_one_task(tmp_path, monkeypatch):
+    """The paper's MMLU from a local stand-in of cais/mmlu: every subject's question follows lm-eval's subject
+    description and the first five questions of the same subject's dev split; the 57 subjects come back as one
+    task whose accuracy is the mean over all questions."""
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.chdir(tmp_path)  # lm-eval's dataset_path cais/mmlu: a folder of the working directory
+    subjects = mmlu_stand_in(tmp_path / "cais" / "mmlu")
+    include = render_tasks(tmp_path / "tasks")
+    loaded = TaskManager(include_path=str(include)).load(["mmlu_5shot"])
+    assert len(subjects) == 57 and sorted(loaded["tasks"]) == sorted(f"mmlu_{s}" for s in subjects)
+    assert {task.config.num_fewshot for task in loaded["tasks"].values()} == {5}
+    anatomy = loaded["tasks"]["mmlu_anatomy"]
+    shots = "".join(f"w{i} dev anatomy?\nA. w1\nB. w2\nC. w3\nD. w4\nAnswer: {'ABCD'[i % 4]}\n\n" for i in range(5))
+    expected = "The following are multiple choice questions (with answers) about anatomy.\n\n" + shots
+    assert (
+        anatomy.fewshot_context(anatomy.eval_docs[1], 5)
+        == expected + "w1 test anatomy?\nA. w1\nB. w2\nC. w3\nD. w4\nAnswer:"
+    )
+
+    model, tokenizer = tiny_model(dtype=torch.float32), tiny_tokenizer()
+    with pytest.raises(CqilError, match=r"^evaluate.questions.mmlu_5shot: 100 of its 114 questions, but a group"):
+        lm_eval_tasks(model, tokenizer, ["mmlu_5shot"], include, questions={"mmlu_5shot": 100})
+    results, items = lm_eval_tasks(model, tokenizer, ["mmlu_5shot"], include, questions={"mmlu_5shot": 114})
+    assert list(items) == ["mmlu_5shot"] and items["mmlu_5shot"]["doc_id"] == list(range(114))
+    assert items["mmlu_5shot"]["choices"] == [4] * 114 and "acc_norm" not in items["mmlu_5shot"]
+    assert results["mmlu_5shot"]["acc"] == pytest.approx(sum(items["mmlu_5shot"]["acc"]) / 114)

@@ -7,7 +7,7 @@ from pathlib import Path
 from cqil.baselines import BaselinesSettings
 from cqil.config import check_config
 from cqil.errors import CqilError
-from cqil.evaluate import CORPUS_TASKS, local_tasks
+from cqil.evaluate import CORPUS_TASKS, hub_tasks
 from cqil.plan import PLAN_NAME, SETUP_NAME, Setup, parse_plan
 
 try:
@@ -28,8 +28,9 @@ def log_path(rule, suffix="log"):
 
 
 LATENCY_MODELS = config["latency_setups"]["models"]
-# lm-eval's own tasks, read from the Hub: `prepare_tasks` fetches them before any evaluate job
-HUB_TASKS = [task for task in config["evaluate"]["tasks"] if task not in local_tasks() and task not in CORPUS_TASKS]
+# lm-eval's own tasks, and those our groups wrap (mmlu for mmlu_5shot), read from the Hub: `prepare_tasks` fetches
+# them before any evaluate job
+HUB_TASKS = hub_tasks(config["evaluate"]["tasks"])
 BASELINES = BaselinesSettings(**config["baselines"]).active if "baselines" in config else False
 
 

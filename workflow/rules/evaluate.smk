@@ -1,6 +1,7 @@
-# lm-eval's own tasks (config.evaluate.tasks not in cqil/tasks/: sciq, mmlu, ...) read their data from the Hub:
-# fetched here once, on a CPU job, into the Hugging Face cache that the evaluate jobs then read offline. lm-eval's
-# `dummy` model answers at random: one question of each task is enough to download and build the task.
+# lm-eval's own tasks (config.evaluate.tasks not in cqil/tasks/: sciq, ...; and mmlu, which mmlu_5shot wraps) read
+# their data from the Hub: fetched here once, on a CPU job, into the Hugging Face cache that the evaluate jobs then
+# read offline. lm-eval's `dummy` model answers at random: one question of each task is enough to download and build
+# the task (all its splits: mmlu's dev questions, the 5-shot examples, too).
 rule prepare_tasks:
     output:
         touch(f"resources/{config['run']}/hub_tasks.done"),
