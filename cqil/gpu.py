@@ -15,21 +15,18 @@ kernel from Python and falls far short of it; a static KV cache lets `torch.comp
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
-import time
 
 import torch
-from transformers import DynamicCache, StaticCache
 
-from .errors import EngineError
+from .decode import MODES, Decoder, check_mode, no_recompiles
 from .io import provenance, write_json
 from .latency import stats
-from .layers import with_cache
 from .models import load_model
 
 # Peak HBM bandwidth, bytes/s, from the vendors' data sheets, by a substring of torch's device name.
 HBM = {"H200": 4.8e12, "H100": 3.35e12, "A100-SXM4-80GB": 2.039e12, "A100-SXM4-40GB": 1.555e12}
-MODES = ("eager", "static", "compiled")
 
 
 def peak_bandwidth(device) -> tuple[float | None, str | None]:
@@ -59,27 +56,17 @@ def gpu_state() -> dict | None:
     return {"gpus": gpus, "cuda": torch.version.cuda, "nccl": ".".join(map(str, nccl)) if nccl else None}
 
 
-@torch.no_grad()
-def decode_seconds(model, prompt: torch.Tensor, new_tokens: int, mode: str, step=None) -> float:
-    """Seconds per decoded token of one greedy generation after `prompt` (1, T), the prefill not counted."""
+def decode_ms(decoder: Decoder, prompt: torch.Tensor, new_tokens: int, repeats: int) -> dict:
+    """Statistics of ms per decoded token (the prefill not counted) over `repeats` greedy generations after `prompt`
+    (1, T), after one untimed generation (which compiles a compiled decoder); a recompilation after it is an error."""
+    mask = torch.ones_like(prompt)
     sync = torch.cuda.synchronize if prompt.device.type == "cuda" else (lambda: None)
-    length = prompt.shape[1]
-    if mode == "eager":
-        cache = DynamicCache(config=model.config)
-    else:
-        cache = StaticCache(config=model.config, max_cache_len=length + new_tokens)
-    positions = torch.arange(length, device=prompt.device)
-    logits = model(input_ids=prompt, position_ids=positions[None], cache_position=positions, **with_cache(cache)).logits
-    token = logits[:, -1:].argmax(-1)
-    forward = model if step is None else step
-    sync()
-    start = time.perf_counter()
-    for i in range(new_tokens):
-        position = torch.tensor([length + i], device=prompt.device)
-        logits = forward(input_ids=token, position_ids=position[None], cache_position=position, **with_cache(cache))
-        token = logits.logits[:, -1:].argmax(-1)
-    sync()
-    return (time.perf_counter() - start) / new_tokens
+    seconds = []
+    for repeat in range(1 + repeats):
+        with no_recompiles(decoder) if repeat else contextlib.nullcontext():
+            _, clock = decoder.generate(prompt, mask, new_tokens, sync=sync)
+        seconds.append((clock[2] - clock[1]) / new_tokens)
+    return stats(seconds[1:])
 
 
 def decode_latency(
@@ -92,10 +79,9 @@ def decode_latency(
     backend: str = "inductor",
     repeats: int = 5,
 ) -> dict:
-    """ms/token of greedy decode of `spec` in each mode, each mode's first generation a warm-up (compilation)."""
-    unknown = [mode for mode in modes if mode not in MODES]
-    if unknown:
-        raise EngineError(f"mode {unknown[0]!r}: allowed are {', '.join(MODES)}")
+    """ms/token of greedy decode of `spec` in each mode (`decode_ms`), against the bandwidth floor."""
+    for mode in modes:  # a bad mode fails before the model is built
+        check_mode(mode, "--modes")
     model, _ = load_model(spec, dtype=dtype, device=device)
     model.to(device)
     prompt = torch.randint(model.config.vocab_size, (1, prompt_length), generator=torch.Generator().manual_seed(0))
@@ -103,12 +89,9 @@ def decode_latency(
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     bandwidth, name = peak_bandwidth(device)
     floor_ms = 1e3 * weights / bandwidth if bandwidth else None
-    graphs = {"mode": "reduce-overhead"} if backend == "inductor" else {}  # CUDA graphs: inductor's option
     records = []
     for mode in modes:
-        step = torch.compile(model, backend=backend, fullgraph=True, **graphs) if mode == "compiled" else None
-        seconds = [decode_seconds(model, prompt, new_tokens, mode, step) for _ in range(1 + repeats)][1:]
-        summary = stats(seconds)
+        summary = decode_ms(Decoder(model, mode, backend), prompt, new_tokens, repeats)
         records.append(
             {"mode": mode, **summary, "fraction_of_floor": floor_ms / summary["median_ms"] if floor_ms else None}
         )

@@ -88,6 +88,26 @@ def test_two_ranks_match_one_process(tiny_dirs, tmp_path, family, args, placemen
         assert result["rank0_cores"] == sorted(os.sched_getaffinity(0))[:1]  # each rank bound to its own core
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--engine", "cqil", "--plan", "S2-E6-P2-D1"],  # all-gather and all-reduce inside the compiled step
+        ["--engine", "tp", "--degree", "2"],  # DTensor's collectives
+        ["--engine", "pruned", "--plan", "drop-2-5"],
+    ],
+)
+def test_compiled_engines_match_their_eager_reference(tiny_dirs, tmp_path, args):
+    """Static cache and torch.compile (dynamo's capture, the eager backend on CPU): checked against the eager
+    single-process reference in the same run, and no recompilation in a timed repeat (it would raise)."""
+    compiled = SETTINGS | {"mode": "compiled", "backend": "eager", "repeats": 3, "prompt_lengths": [12, 16]}
+    result = run_latency(tmp_path, tiny_dirs["llama"], *args, settings=compiled)
+    assert result["mode"] == "compiled"
+    assert result["check"]["max_abs_diff"] < 1e-4 and result["check"]["argmax_agreement"] == 1.0
+    assert all(len(r["samples_ms"]) == 3 for r in result["records"])
+    frame = table([result, run_latency(tmp_path / "original", tiny_dirs["llama"], "--engine", "original")])
+    assert set(frame["mode"]) == {"compiled", "eager"}  # the table says which mode each row ran in
+
+
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity API here")
 def test_pin_gives_each_rank_its_own_cores():
     allowed = os.sched_getaffinity(0)
@@ -325,15 +345,14 @@ def test_a_failing_check_fails_the_run_before_any_timing(tiny_dirs, tmp_path):
 
 def test_check_tolerance_by_dtype():
     failure = check_failure(
-        {"max_abs_diff": 0.7, "reference_max_abs": 10.0}, Setup.parse("cqil-S2-E6-P2-D1"), torch.bfloat16
+        {"max_abs_diff": 1.2, "reference_max_abs": 10.0}, Setup.parse("cqil-S2-E6-P2-D1"), torch.bfloat16
     )
     assert failure == (
-        "engine cqil, plan S2-E6-P2-D1: check failed, max |logit difference| 0.7 against the "
-        "single-process reference exceeds 0.5 (bfloat16); no timing was written"
+        "engine cqil, plan S2-E6-P2-D1: check failed, max |logit difference| 1.2 against the "
+        "single-process reference exceeds 1 (bfloat16); no timing was written"
     )
-    assert (
-        check_failure({"max_abs_diff": 0.4, "reference_max_abs": 10.0}, Setup("tp", degree=2), torch.bfloat16) is None
-    )
+    # TP 2 at LLaMA-7B width on an H200 drifted 0.352 against logits up to 6.82 (results/gpu/log.txt)
+    assert check_failure({"max_abs_diff": 0.352, "reference_max_abs": 6.82}, Setup("tp", degree=2), "bfloat16") is None
     assert check_failure({"max_abs_diff": 9e-5, "reference_max_abs": 1e3}, Setup("tp", degree=2), torch.float32) is None
     assert "degree 2: check failed, max |logit difference| nan" in check_failure(
         {"max_abs_diff": float("nan"), "reference_max_abs": 1.0}, Setup("tp", degree=2), torch.float32
