@@ -1,10 +1,15 @@
 """The paper's tables, built from small fixture artifacts: expected cells, official numbers beside ours."""
 
+from pathlib import Path
+
 import pandas as pd
 import pytest
+import yaml
 
 from cqil.cli import main
-from cqil.report import latency_summary, quality_table
+from cqil.report import OFFICIAL, latency_summary, quality_table
+
+PAPER = yaml.safe_load((Path(__file__).resolve().parents[1] / "config" / "paper.yaml").read_text())
 
 
 def quality_rows():
@@ -75,6 +80,26 @@ def test_quality_table_puts_differences_with_intervals_and_the_official_numbers_
     assert numbers.loc[("S12-E30-P2-D0", "finetuned"), "sciq acc diff high"] == -0.2
     assert numbers.loc[("S12-E30-P2-D0", "finetuned"), "heldout kl"] == 0.2
     assert "arc_easy acc official" not in quality_table(*quality_rows(), "smollm2-135m")[1].columns  # none published
+
+
+def test_the_published_numbers_are_keyed_by_the_paper_configs_plans_and_tasks():
+    """Each published row is a plan the paper config runs (D1 in the official code's arithmetic) and each number a
+    task it evaluates (MMLU 5-shot), so every one of them lands beside ours."""
+    plans = {"original", *PAPER["catalog"]["llama-7b"]["plans"]}
+    tasks = {task.removesuffix("_local") for task in PAPER["evaluate"]["tasks"]}
+    assert all(plan in plans and set(numbers) == tasks for (plan, _), numbers in OFFICIAL["llama-7b"].items())
+    d1 = ("S12-E30-P2-D1-official", "finetuned")
+    levels = pd.DataFrame(
+        [("original", "original", "mmlu_5shot", "acc", 35.0), (*d1, "mmlu_5shot", "acc", 32.0)],
+        columns=["plan", "stage", "task", "metric", "value"],
+    )
+    diffs = pd.DataFrame(
+        [(*d1, "mmlu_5shot", "acc", -3.0, -4.0, -2.0, True, 32.0, 35.0)],
+        columns=["plan", "stage", "task", "metric", "diff", "low", "high", "distinguishable", "value", "original"],
+    )
+    written = quality_table(levels, diffs, "llama-7b")[1].set_index(["plan", "stage"])
+    assert written.loc[d1, "mmlu_5shot acc official"] == "32.5" and written.loc[d1, "mmlu_5shot acc"] == "32.0"
+    assert written.loc[("original", "original"), "mmlu_5shot acc official"] == "35.1"
 
 
 def test_latency_summary_marks_measured_and_predicted():
