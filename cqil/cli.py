@@ -66,6 +66,7 @@ OPTIONS = {
         nargs="*", help="simulate: `cqil latency --engine original` JSON from one GPU (a fitted preset)"
     ),
     "gpu_layers": dict(nargs="*", help="simulate: `cqil layer-latency` JSON from a GPU (checks every preset)"),
+    "gpu_decode": dict(nargs="*", help="simulate: `cqil decode-latency` JSON from that GPU (the compiled rest)"),
     "adapter": dict(help="peft adapter directory written by `cqil finetune` (needs --plan)"),
     "engine": dict(choices=list(ENGINES)),
     "degree": dict(type=int, help="tp: ranks to split each layer over"),

@@ -3,7 +3,7 @@
     hw = HARDWARE["A100-80GB/nccl"]
     latency(SHAPES["llama-7b"], hw, "decode", plan=Plan.parse("S12-E30-P2-D0"))   # seconds per token
 
-The model of ../shared/notes/performance.md (sections 3 and 7), batch 1:
+The model, batch 1 (docs/gpu.md compares it with an H200):
 - one layer: its weight bytes over the memory bandwidth (decode) or its FLOPs over the compute rate
   (prefill of T tokens: 2·params·T + 2·T²·d for causal attention), plus a fixed cost per layer;
 - an all-reduce of m bytes over n ranks: a latency that grows with log2(n), plus m·2(n-1)/n over the
@@ -227,21 +227,66 @@ def fit(result: dict, allreduce: list[dict]) -> Hardware:
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 
 
-def measured_preset(result: dict, links: str = "H100-SXM/nccl") -> Hardware:
-    """A preset for the GPU that ran `cqil latency --engine original` (scripts/gpu_checks.sh): bandwidth, compute and
-    the fixed costs fitted to its per-layer and non-layer times; the all-reduce, which one GPU cannot measure, from
-    the published figures of `links` (an H200 has the H100's NVLink 4)."""
+def graph_fit(layers: list[dict], decode: dict | None) -> dict:
+    """Bandwidth, compute rate and fixed costs of a GPU from `cqil layer-latency`'s CUDA-graph records, and the
+    rest outside the layers from `cqil decode-latency`'s compiled decode: what a graph-replayed decode loop
+    costs. (Eager per-layer times on a GPU are mostly Python launching kernels: a fit to them is a fit to that.)
+
+    Decode layer time against weight bytes over the shapes gives the bandwidth (slope) and the fixed cost per
+    layer (intercept); the longest prefill, less that fixed cost, gives the compute rate."""
+    graphs = [r for r in layers if r["graphs"]]
+    steps = [r for r in graphs if r["phase"] == "decode"]
+    nbytes = [layer_params(SHAPES[r["shape"]]) * DTYPE_BYTES[r["dtype"]] for r in steps]
+    seconds = [r["median_ms"] / 1e3 for r in steps]
+    per_byte, fixed = np.polyfit(nbytes, seconds, 1) if len(set(nbytes)) > 1 else (seconds[0] / nbytes[0], 0.0)
+    fixed = max(float(fixed), 0.0)
+    longest = max(r["tokens"] for r in graphs if r["phase"] == "prefill")
+    flops = float(
+        np.median(
+            [
+                (2 * layer_params(SHAPES[r["shape"]]) + 2 * longest * SHAPES[r["shape"]]["hidden_size"])
+                * longest
+                / max(r["median_ms"] / 1e3 - fixed, 1e-9)
+                for r in graphs
+                if r["phase"] == "prefill" and r["tokens"] == longest
+            ]
+        )
+    )
+    found = {"bandwidth": 1 / float(per_byte), "flops": flops, "layer_fixed": fixed, "rest_fixed": 0.0}
+    compiled = next((r for r in (decode or {}).get("records", []) if r["mode"] == "compiled"), None)
+    if compiled:  # the whole compiled step less its layers and the head's bytes, as this fit predicts them
+        shape = SHAPES[decode["model"].removeprefix("random:")]
+        hw = Hardware("fit", found["bandwidth"], flops, fixed, 0.0, 0.0, 0.0, 1.0)
+        predicted = shape["num_hidden_layers"] * layer_time(shape, hw, "decode", 1) + rest_time(shape, hw)
+        found["rest_fixed"] = max(compiled["median_ms"] / 1e3 - predicted, 0.0)
+    return found
+
+
+def measured_preset(
+    result: dict, layers: list[dict] = (), decode: dict | None = None, links: str = "H100-SXM/nccl"
+) -> Hardware:
+    """A preset for the GPU that ran the GPU script (scripts/gpu_checks.sh): from its CUDA-graph layer records and
+    compiled decode where there are some (`graph_fit`), else fitted to `cqil latency --engine original`'s per-layer
+    and non-layer times; the all-reduce, which one GPU cannot measure, from the published figures of `links` (an
+    H200 has the H100's NVLink 4)."""
     gpu = (result.get("provenance", {}).get("machine") or {}).get("gpu") or result.get("device", "GPU")
     name = next((key for key in ("H200", "H100", "A100") if key in gpu), gpu)
     wire = HARDWARE[links]
+    if any(r["graphs"] for r in layers):
+        fitted = replace(fit(result, []), **graph_fit(layers, decode))
+        how = "CUDA-graph layer times (`cqil layer-latency`)" + (
+            " and the compiled decode's rest (`cqil decode-latency`)" if decode else ""
+        )
+    else:
+        fitted, how = fit(result, []), f"`cqil latency` ({result['model']}, {result['dtype']})"
     return replace(
-        fit(result, []),
+        fitted,
         name=f"{name}/measured",
         allreduce_latency=wire.allreduce_latency,
         allreduce_per_doubling=wire.allreduce_per_doubling,
         bus_bandwidth=wire.bus_bandwidth,
-        source=f"bandwidth, flops, layer and rest fixed costs fitted to `cqil latency` on one {gpu} "
-        f"({result['model']}, {result['dtype']}); all-reduce from {links}: {wire.source}",
+        source=f"bandwidth, flops, layer and rest fixed costs fitted to {how} on one {gpu}; "
+        f"all-reduce from {links}: {wire.source}",
     )
 
 
@@ -424,14 +469,18 @@ def sweep(name: str, hw: Hardware, setups: list[tuple[str | None, int]], latenci
     ]
 
 
-def run_simulate(settings: SimulateSettings, *, out_dir, latency=(), gpu_latency=(), gpu_layers=()) -> None:
+def run_simulate(
+    settings: SimulateSettings, *, out_dir, latency=(), gpu_latency=(), gpu_layers=(), gpu_decode=()
+) -> None:
     """The stage: predictions for the paper's models on GPU presets, the CQIL/TP crossover, and validation of the
     model fitted on this machine's `cqil latency` runs, as CSV and Markdown tables, a JSON summary and figures.
     With the GPU script's records (`gpu_latency`: an original's `cqil latency` on one GPU; `gpu_layers`: `cqil
-    layer-latency`), a preset fitted to that GPU joins the predictions, and every preset's per-layer times are
-    checked against the measured ones (gpu_presets.csv)."""
+    layer-latency`; `gpu_decode`: `cqil decode-latency`), a preset fitted to that GPU joins the predictions, and
+    every preset's per-layer times are checked against the measured ones (gpu_presets.csv)."""
     out = Path(out_dir)
-    measured = [measured_preset(json.loads(Path(path).read_text())) for path in gpu_latency]
+    layers = [record for path in gpu_layers for record in json.loads(Path(path).read_text())["records"]]
+    decode = next((json.loads(Path(path).read_text()) for path in gpu_decode), None)
+    measured = [measured_preset(json.loads(Path(path).read_text()), layers, decode) for path in gpu_latency]
     presets = [HARDWARE[name] for name in settings.hardware] + measured
     predicted = pd.DataFrame(
         predictions(
@@ -457,7 +506,6 @@ def run_simulate(settings: SimulateSettings, *, out_dir, latency=(), gpu_latency
     swept = pd.DataFrame(crossover_sweep(settings))
     tables = [("predictions", predicted), ("validation", checked), ("crossover", swept)]
     if gpu_layers:
-        layers = [record for path in gpu_layers for record in json.loads(Path(path).read_text())["records"]]
         tables.append(("gpu_presets", pd.DataFrame(preset_errors(layers, [*HARDWARE.values(), *measured]))))
     for name, frame in tables:
         write_csv(out / f"{name}.csv", frame)
@@ -472,6 +520,7 @@ def run_simulate(settings: SimulateSettings, *, out_dir, latency=(), gpu_latency
                     "latency": list(latency),
                     "gpu_latency": list(gpu_latency),
                     "gpu_layers": list(gpu_layers),
+                    "gpu_decode": list(gpu_decode),
                     "settings": asdict(settings),
                 }
             ),

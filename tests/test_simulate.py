@@ -13,7 +13,9 @@ from cqil.simulate import (
     SimulateSettings,
     crossover,
     fit,
+    graph_fit,
     latency,
+    layer_time,
     layer_params,
     reduction,
     shape_of,
@@ -132,6 +134,22 @@ def test_fit_recovers_the_machine_and_validation_predicts_held_out_runs():
     held_out = [row for row in rows if not row["fitted_on"]]
     assert len(held_out) == 4
     assert all(row["predicted_reduction"] == pytest.approx(row["measured_reduction"], abs=1e-9) for row in held_out)
+
+
+def test_graph_fit_recovers_a_gpu_from_its_layer_records_and_compiled_decode():
+    """A planted GPU: layer records and a compiled decode computed from a preset are fitted back to it."""
+    gpu = replace(HARDWARE["H100-SXM/nccl"], rest_fixed=0.2e-3)
+    layers = [
+        {"shape": name, "dtype": "bfloat16", "graphs": graphs, "phase": phase, "tokens": tokens, "median_ms": ms}
+        for name in ("llama-7b", "llama-13b", "llama-33b")
+        for phase, tokens in (("prefill", 2048), ("decode", 2048))
+        for graphs in (False, True)  # the eager records (slower: launches) are not what the fit reads
+        for ms in [1e3 * layer_time(shape_of(name), gpu, phase, tokens) * (1 if graphs else 3)]
+    ]
+    compiled = 1e3 * latency(LLAMA_7B, gpu, "decode")
+    fitted = graph_fit(layers, {"model": "random:llama-7b", "records": [{"mode": "compiled", "median_ms": compiled}]})
+    for field in ("bandwidth", "flops", "layer_fixed", "rest_fixed"):
+        assert fitted[field] == pytest.approx(getattr(gpu, field), rel=1e-6), field
 
 
 def test_settings_refuse_unknown_shapes_presets_and_bad_plans():

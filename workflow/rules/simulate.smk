@@ -3,6 +3,7 @@
 # joins the predictions and every preset is checked against its per-layer times.
 GPU_LATENCY = [path for path in ["results/gpu/original.json"] if Path(path).exists()]
 GPU_LAYERS = [path for path in ["results/gpu/layers.json"] if Path(path).exists()]
+GPU_DECODE = [path for path in ["results/gpu/decode.json"] if Path(path).exists()]
 
 
 rule simulate:
@@ -10,6 +11,7 @@ rule simulate:
         latency=[path for model in LATENCY_MODELS for path in latency_files(model)],
         gpu_latency=GPU_LATENCY,
         gpu_layers=GPU_LAYERS,
+        gpu_decode=GPU_DECODE,
     output:
         multiext(f"{SIMULATION}/predictions", ".csv", ".md"),
         multiext(f"{SIMULATION}/validation", ".csv", ".md"),
@@ -29,4 +31,4 @@ rule simulate:
         out_dir=output_dir,
     shell:
         "cqil simulate --settings {params.settings} --latency {input.latency} --gpu-latency {input.gpu_latency}"
-        " --gpu-layers {input.gpu_layers} --out-dir {params.out_dir} > {log} 2>&1"
+        " --gpu-layers {input.gpu_layers} --gpu-decode {input.gpu_decode} --out-dir {params.out_dir} > {log} 2>&1"
