@@ -3,7 +3,7 @@
 `Plan(start=12, end=30, size=2, bypass=0)` is written `S12-E30-P2-D0`: layers [S, E) (0-indexed, end
 exclusive) form consecutive groups of P layers; the layers of a group all read the group's input and
 their deltas are summed. D >= 1 adds the attention outputs of the previous D layers of the group to a
-layer's MLP input ("bypassing"), in the paper's form or the official code's form (PAPER.md):
+layer's MLP input ("bypassing"), in the paper's form or the official code's form (Photooon/CQIL on GitHub):
 
     paper:    delta_k = A_k + MLP_k(norm(x + A_k + B_k))
     official: delta_k = A_k + B_k + MLP_k(norm(x + A_k + B_k))      (B_k counted in the residual too)

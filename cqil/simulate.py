@@ -107,7 +107,7 @@ PAPER = {
     ("llama-7b", "S12-E30-P2-D0"): 0.262,
     ("llama-7b", "S14-E30-P4-D0"): 0.374,
     ("llama-33b", "S18-E58-P4-D0"): 0.483,
-}  # the 33B plan is inferred: P4 over 40 layers (PAPER.md)
+}  # the paper's Table 3; the 33B plan is inferred: P4 over 40 layers
 GPT_FAST = {
     "A100-80GB/nccl": {1: 9.53, 2: 7.34, 4: 5.93, 8: 5.58},  # Llama-2-7B, ms/token (README)
     "A100-80GB/oneshot": {1: 9.53, 2: 5.92, 4: 3.94, 8: 3.05},

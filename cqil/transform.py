@@ -38,7 +38,8 @@ def delta(layer, hidden_states: torch.Tensor, attn: torch.Tensor, bypassed, offi
     """delta_k = A_k + MLP_k(norm(x + A_k + B_k)), B_k the bypassed attention outputs (Sec. 3.3).
 
     `bypassed` is 0 where there is no B_k (D = 0, the group's first layer). The official code also
-    adds B_k to the residual (`official=True`, see PAPER.md).
+    adds B_k to the residual (`official=True`: its LLaMA modeling file adds in place to a tensor that is
+    also the residual).
     """
     bypassing = torch.is_tensor(bypassed)  # adding a literal 0 would still copy the (B, T, C) tensor
     mixed = hidden_states + attn + bypassed if bypassing else hidden_states + attn

@@ -198,7 +198,7 @@ def test_dry_run_of_the_paper_config():
     assert '"include": ["S12-E30-P2-D0", "S12-E30-P2-D1-official", "S14-E30-P4-D0"]' in out
     # config.yaml's CPU-sized entries do not leak into the paper's resources (Snakemake merges them key by key)
     job = out.split("output: results/paper/llama-7b/sensitivity.csv")[1].split("\n\n")[0]
-    assert "gpu=1" in job and "mem_mb=64000" in job and "HF_HUB_OFFLINE=1 cqil" in job
+    assert "gpu=1" in job and "mem_mb=16000" in job and "HF_HUB_OFFLINE=1 cqil" in job
     assert "prepare_tasks" in counts  # SciQ and MMLU fetched on a CPU job
     assert "../shared" not in (ROOT / "config" / "paper.yaml").read_text()  # every path is in the repository
 
