@@ -9,13 +9,13 @@ Both run the original model layer by layer on corpus blocks (no padding inside b
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .data import load_split
@@ -67,11 +67,36 @@ def similarity(model, blocks: torch.Tensor, batch_size: int = 4) -> np.ndarray:
     with planned(model, None):
         for batch in tqdm(blocks.split(batch_size), desc="similarity", unit="batch"):
             inputs, _, _ = layer_inputs(model, batch)
-            states = torch.stack([h[:, 1:].reshape(-1, h.shape[-1]) for h in inputs]).double()  # (L, N, C)
-            states = F.normalize(states, dim=-1)
-            gram = gram + torch.einsum("ind,jnd->ij", states, states)
-            count += states.shape[1]
+            gram = gram + cosine_gram(inputs)
+            count += batch.shape[0] * (batch.shape[1] - 1)
     return (gram / count).cpu().numpy()
+
+
+def cosine_gram(inputs: list[torch.Tensor]) -> torch.Tensor:
+    """The sum over tokens (the first of each block left out) of cos(h_i, h_j) for L layer inputs (B, T, C):
+    an (L, L) float64 matrix.
+
+    In float64, but a chunk of positions at a time: every layer's states at ceil((T-1)/L) positions, as many
+    values as one layer's states, instead of all of them at once (three float64 copies of every layer's
+    states did not fit a large model's GPU beside its weights: docs/cost.md).
+    """
+    layers, length = len(inputs), inputs[0].shape[1]
+    width = math.ceil((length - 1) / layers)
+    gram = torch.zeros(layers, layers, dtype=torch.float64, device=inputs[0].device)
+    for start in range(1, length, width):
+        _add_chunk(gram, inputs, start, min(start + width, length))
+    return gram
+
+
+def _add_chunk(gram: torch.Tensor, inputs: list[torch.Tensor], start: int, stop: int) -> None:
+    """Add the cosines of positions [start, stop) of every layer pair to `gram`, in place."""
+    first = inputs[0]
+    chunk = first.new_empty((len(inputs), first.shape[0], stop - start, first.shape[2]), dtype=torch.float64)
+    for i, h in enumerate(inputs):  # written in place: no stacked copy in the model's dtype beside it
+        chunk[i].copy_(h[:, start:stop])
+    chunk /= chunk.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # F.normalize, without its full-size result
+    flat = chunk.view(len(inputs), -1)
+    gram.addmm_(flat, flat.T)  # a transposed view: BLAS reads it as it is, no copy of either operand
 
 
 @torch.inference_mode()

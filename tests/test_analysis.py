@@ -3,10 +3,14 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import tiny_model
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from cqil import Plan, apply_plan
-from cqil.analysis import sensitivity, similarity
+from cqil.analysis import cosine_gram, layer_inputs, sensitivity, similarity
 from cqil.errors import CqilError
 from cqil.metrics import log_probs, summarize, token_sums
 from cqil.search import SelectSettings, score_plans, select
@@ -50,6 +54,51 @@ def test_similarity_matches_hidden_states_without_the_first_token():
 
     np.testing.assert_allclose(similarity(model, ids), mean_cos(1), atol=1e-12)
     assert np.abs(mean_cos(0) - mean_cos(1)).max() > 1e-4  # leaving the first token out matters
+
+
+def test_the_chunked_gram_equals_every_state_at_once_in_float64():
+    """Reference: every layer's states of every block at once, normalized in float64, one product (the
+    computation the chunks replace). A float32 model, 11 positions after the first (chunks of 2, the last of 1)
+    and batches of 3 and 1 blocks."""
+    model, ids = tiny_model(dtype=torch.float32), blocks(n=4, length=12)
+    with torch.no_grad():
+        inputs, _, _ = layer_inputs(model, ids)
+    states = F.normalize(torch.stack([h[:, 1:].reshape(-1, 64) for h in inputs]).double(), dim=-1)
+    reference = (torch.einsum("ind,jnd->ij", states, states) / states.shape[1]).numpy()
+    np.testing.assert_allclose(similarity(model, ids, batch_size=3), reference, rtol=0, atol=1e-14)
+
+
+class PeakBytes(TorchDispatchMode):
+    """The peak bytes, over the ops run while it is on, of the storages they created that are still alive: a
+    view or an in-place result shares its input's storage, which is counted once, if new."""
+
+    def __init__(self, held: list[torch.Tensor]):
+        super().__init__()
+        self.held = {t.untyped_storage().data_ptr() for t in held}  # there before: not counted
+        self.live, self.peak = {}, 0  # storage address -> (weak reference, bytes)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_leaves(out):
+            storage = tensor.untyped_storage() if isinstance(tensor, torch.Tensor) else None
+            if storage is not None and storage.data_ptr() not in self.held:
+                known = self.live.get(storage.data_ptr())
+                if known is None or known[0].expired():  # a new storage, maybe where a freed one was
+                    self.live[storage.data_ptr()] = (StorageWeakRef(storage), storage.nbytes())
+        self.live = {ptr: entry for ptr, entry in self.live.items() if not entry[0].expired()}
+        self.peak = max(self.peak, sum(size for _, size in self.live.values()))
+        return out
+
+
+def test_the_gram_holds_one_layers_states_in_float64_at_a_time():
+    """8 layers of 2 blocks of 33 tokens: each chunk holds 4 positions of every layer, as many values as one
+    layer's 32 positions; all layers' states at once in float64 would be 8 times as many, per copy."""
+    inputs = [torch.randn(2, 33, 64) for _ in range(8)]
+    one_layer = 2 * 32 * 64 * 8  # one layer's states after the first token, in float64
+    with torch.inference_mode(), PeakBytes(inputs) as counted:
+        cosine_gram(inputs)
+    sums, norms = 8 * 8 * 8, 2 * (8 * 2 * 4) * 8  # the (L, L) sums; a chunk's norms and their clamped copy
+    assert one_layer <= counted.peak <= one_layer + sums + norms
 
 
 def test_analysis_runs_the_original_even_on_a_cqil_model():
