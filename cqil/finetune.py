@@ -44,7 +44,7 @@ from torch.distributed._composable import checkpoint as checkpoint_activations
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from .data import load_split
+from .data import open_split
 from .errors import CqilError
 from .io import atomic, provenance, write_csv, write_json
 from .layers import decoder_layers
@@ -148,7 +148,7 @@ def divergence(student, blocks: torch.Tensor, batch_size: int = 4) -> dict:
     total = {}
     device = next(student.parameters()).device
     for batch in blocks.split(batch_size):
-        batch = batch.to(device)
+        batch = batch.long().to(device)  # blocks may be the corpus's compact ids (data.open_split)
         with student.disable_adapter(), planned(student, None):
             reference = log_probs(student(input_ids=batch, use_cache=False).logits)
         logp = log_probs(student(input_ids=batch, use_cache=False).logits)
@@ -204,6 +204,8 @@ def finetune(
 ) -> dict:
     """Fine-tune LoRA adapters for `plan`; writes `out_dir`/adapter (peft format) and losses.csv.
 
+    `blocks` and `eval_blocks` are token ids (B, T) of any integer type, e.g. a memory-mapped split of compact
+    ids (data.open_split): each batch is read and taken as int64 when it is used.
     Returns the summary: steps, seconds, first and last loss, and held-out divergence before/after.
     """
     out_dir = Path(out_dir)
@@ -247,7 +249,7 @@ def finetune(
     for step in bar:
         total = 0.0
         for micro in range(settings.grad_accum):
-            ids = blocks[micro_batch(len(blocks), settings, step, micro)]
+            ids = blocks[micro_batch(len(blocks), settings, step, micro)].long()  # from compact ids
             ids = ids[accelerator.process_index :: accelerator.num_processes].to(accelerator.device)
             loss = student_loss(inner, ids, settings, forward=student) / settings.grad_accum
             accelerator.backward(loss)
@@ -373,7 +375,8 @@ def run_finetune(
     and, with `figure`, the loss curve. The model is loaded straight onto this process's device (`device` auto:
     `cuda:LOCAL_RANK` where CUDA is present, else the CPU), where accelerate trains it."""
     where = resolve_device(device)
-    blocks, held_out = load_split(corpus, settings.split), load_split(corpus, settings.eval_split)
+    # memory-mapped, as stored: the fine-tuning split in int64 would be several GiB in every rank
+    blocks, held_out = open_split(corpus, settings.split), open_split(corpus, settings.eval_split)
     student = load_model(model, dtype=dtype, device=where)[0]
     found = finetune(student, plan, blocks, settings, out_dir, eval_blocks=held_out, device=device)
     settings_used = {"model": model, "dtype": dtype, "device": str(where), "settings": asdict(settings)}

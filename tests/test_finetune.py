@@ -97,6 +97,42 @@ def test_bad_device(tmp_path):
         )
 
 
+def test_the_stage_trains_on_the_compact_split_as_on_int64_ids(tiny_dir, tmp_path, monkeypatch):
+    """run_finetune hands the splits to finetune as the corpus file stores them (uint16 for this vocabulary,
+    memory-mapped, no int64 copy of a split), and trains the same adapter, with the same losses and held-out
+    scores, as on the same ids stored in int64."""
+    train = torch.randint(3, 96, (6, 16), generator=torch.Generator().manual_seed(1))
+    given, real = [], finetune
+
+    def spy(model, plan, blocks, *args, eval_blocks, **kwargs):
+        given.append((blocks.dtype, eval_blocks.dtype))
+        return real(model, plan, blocks, *args, eval_blocks=eval_blocks, **kwargs)
+
+    monkeypatch.setattr("cqil.finetune.finetune", spy)
+    runs = {}
+    for dtype in (torch.uint16, torch.int64):
+        name = str(dtype).removeprefix("torch.")
+        torch.save({"finetune": train.to(dtype), "test": IDS.to(dtype)}, tmp_path / f"{name}.pt")
+        run_finetune(
+            FinetuneSettings(steps=3, batch_size=2, lora_r=4, lr=1e-3),
+            model=str(tiny_dir),
+            plan=Plan.parse("S2-E6-P2-D0"),
+            corpus=tmp_path / f"{name}.pt",
+            out_dir=tmp_path / name,
+            summary=tmp_path / f"{name}.json",
+        )
+        summary = json.loads((tmp_path / f"{name}.json").read_text())
+        adapter = load_file(tmp_path / name / "adapter" / "adapter_model.safetensors")
+        runs[name] = (
+            {key: summary[key] for key in ("first_loss", "last_loss", "heldout_before", "heldout_after")},
+            adapter,
+        )
+    assert given == [(torch.uint16, torch.uint16), (torch.int64, torch.int64)]
+    assert runs["uint16"][0] == runs["int64"][0]
+    assert runs["uint16"][1].keys() == runs["int64"][1].keys()
+    assert all(torch.equal(runs["uint16"][1][key], runs["int64"][1][key]) for key in runs["int64"][1])
+
+
 def randomized_student(plan, settings, checkpointed):
     """A float64 student whose LoRA weights are random (peft starts B at zero, which leaves A without gradient)."""
     student = peft_student(plan, settings, dtype=torch.float64)
