@@ -22,6 +22,7 @@ import matplotlib.pyplot as plt
 import torch
 import yaml
 
+from cqil.data import load_split
 from cqil.models import load_model
 from cqil.search import SearchSettings, score_plans
 
@@ -38,7 +39,7 @@ model_config = config["catalog"][name]
 corpus = Path("resources") / config["run"] / name / "corpus.pt"
 if not corpus.exists():
     raise SystemExit(f"{corpus} not found: run `snakemake --cores all` first")
-blocks = torch.load(corpus)[config["search"].get("split", "search")]
+blocks = load_split(corpus, config["search"].get("split", "search"))  # int64 ids: the file stores compact ones
 settings = SearchSettings(**{k: v for k, v in config["search"].items() if k != "split"})
 plans = settings.plans(model_config["layers"])[:: args.every]
 model, _ = load_model(model_config["spec"], dtype=model_config.get("dtype", "auto"))
