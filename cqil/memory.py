@@ -172,6 +172,11 @@ def working_bytes(shape: Shape, tokens: int) -> int:
     return tokens * (3 * shape.intermediate + 3 * shape.hidden + 2 * shape.kv) * shape.dtype_bytes
 
 
+def gram_chunk_bytes(shape: Shape, batch: int, block: int) -> int:
+    """The similarity's float64 chunk (analysis.cosine_gram): every layer's states at ceil((T-1)/L) positions."""
+    return shape.layers * batch * math.ceil((block - 1) / shape.layers) * shape.hidden * 8
+
+
 def kv_cache_bytes(shape: Shape, tokens: int) -> int:
     """Keys and values of every layer for `tokens` (batch x length) in the model's dtype."""
     return shape.layers * tokens * 2 * shape.kv * shape.dtype_bytes
@@ -214,7 +219,13 @@ def corpus_bytes(config: dict, split: str) -> int:
     return corpus["blocks"][split] * corpus["block_size"] * 8
 
 
-# --- per rule: what one rank computes on (its GPU, or host memory), the corpus it reads, the ranks -------------
+def mapped_split_bytes(shape: Shape, config: dict, split: str) -> int:
+    """One split as `open_split` maps it: the corpus file's compact ids (uint16 or int32, cqil/data.py)."""
+    corpus = config["corpus"]
+    return corpus["blocks"][split] * corpus["block_size"] * token_dtype(shape.vocab).itemsize
+
+
+# --- per rule: what one rank computes on (its GPU, or host memory), the corpus the job holds, the ranks -------
 
 
 def _section(config: dict, section: str) -> SimpleNamespace:
@@ -237,10 +248,10 @@ def _scoring(shape: Shape, config: dict, section: str) -> int:
 
 
 def similarity_need(shape: Shape, config: dict, model: str):
-    tokens = _section(config, "similarity").batch_size * config["corpus"]["block_size"]
-    # every layer's input as float64 states (L, N, C), normalized, and the copies einsum makes of both operands
-    states = 3 * shape.layers * tokens * shape.hidden * 8
-    compute = weight_bytes(shape) + layer_inputs_bytes(shape, tokens) + states + working_bytes(shape, tokens)
+    batch, block = _section(config, "similarity").batch_size, config["corpus"]["block_size"]
+    tokens = batch * block
+    chunk = gram_chunk_bytes(shape, batch, block)
+    compute = weight_bytes(shape) + layer_inputs_bytes(shape, tokens) + chunk + working_bytes(shape, tokens)
     return compute, corpus_bytes(config, _section(config, "similarity").split), 1
 
 
@@ -264,7 +275,8 @@ def finetune_need(shape: Shape, config: dict, model: str):
     )
     # before and after training, divergence() scores the held-out blocks 4 at a time, without autograd
     held_out = 4 * config["corpus"]["block_size"] * shape.vocab * (SCORE_BYTES_PER_LOGIT + shape.dtype_bytes)
-    corpus = corpus_bytes(config, s.split) + corpus_bytes(config, s.eval_split)
+    # both splits memory-mapped (run_finetune): the page cache holds what the ranks read once, for all of them
+    corpus = mapped_split_bytes(shape, config, s.split) + mapped_split_bytes(shape, config, s.eval_split)
     return weight_bytes(shape) + max(train, held_out), corpus, ranks
 
 
@@ -329,10 +341,11 @@ def job_memory(rule: str, model: str, config: dict) -> Memory | None:
     shape = catalog_shape(config, model)
     if shape is None:
         return None
+    # compute: what one rank computes on; corpus: what the whole job holds of the corpus; ranks: its processes
     compute, corpus, ranks = RULES[rule](shape, config, model)
     on_gpu = _on_gpu(config, rule) and compute > 0  # a corpus job without a model to write text uses no GPU
     process = PROCESS_BYTES + (CUDA_HOST_BYTES if on_gpu else 0)
-    host = ranks * (process + corpus + (0 if on_gpu else compute))
+    host = ranks * (process + (0 if on_gpu else compute)) + corpus
     return Memory(host=host, gpu=compute + CUDA_DEVICE_BYTES if on_gpu else 0, ranks=ranks)
 
 
