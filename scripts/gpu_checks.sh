@@ -99,7 +99,7 @@ step "collectives compiled" 150 "${torchrun[@]}" scripts/gpu_steps.py collective
     --big "$big" --dtype "$dtype" --modes compiled --backend "$backend" --skip-checks "${collectives[@]}"
 if $dry; then # the simulator reads the records as it will read the GPU's
     step simulate 120 "${cqil[@]}" simulate --gpu-latency "$out/original.json" --gpu-layers "$out/layers.json" \
-        --out-dir "$work/simulation"
+        --gpu-decode "$out/decode.json" --out-dir "$work/simulation"
     cp -r "$work/simulation" "$out/simulation"
 fi
 grep '^== ' "$log"

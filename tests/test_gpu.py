@@ -44,7 +44,10 @@ def test_the_gpu_script_runs_dry_on_cpu(tmp_path):
     predicted = pd.read_csv(out / "simulation" / "predictions.csv")
     assert {"cqil S12-E30-P2-D0", "tp 2"} <= set(predicted[predicted.hardware == "cpu/measured"].setup)
     source = json.loads((out / "simulation" / "simulation.json").read_text())["hardware"]["cpu/measured"]["source"]
-    assert "fitted to `cqil latency` on one cpu" in source and "all-reduce from H100-SXM/nccl" in source
+    assert (
+        "fitted to `cqil latency` (random:llama-135m, float32) on one cpu" in source
+        and "all-reduce from H100-SXM/nccl" in source
+    )
 
 
 def test_provenance_without_the_package_installed(monkeypatch):
