@@ -237,9 +237,12 @@ def simulation_figures(predicted: pd.DataFrame, checked: pd.DataFrame, swept: pd
     axes[0].set_ylabel("decode latency (ms/token, predicted)")
     save_figure(fig, Path(out) / "simulation_crossover")
 
-    if checked.empty:  # no `cqil latency` run of this machine to check against
-        return
     fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    if checked.empty:  # no `cqil latency` run of this machine to check against (none, or all on a busy machine)
+        ax.text(0.5, 0.5, "no uncontended latency run\nof this machine to validate on", ha="center", va="center")
+        ax.set_axis_off()
+        save_figure(fig, Path(out) / "simulation_validation")
+        return
     for setup, part in checked.groupby("setup", sort=False):
         ax.scatter(part.measured_ms, part.predicted_ms, label=setup, marker="o" if part.fitted_on.all() else "^")
     values = checked[["measured_ms", "predicted_ms"]].to_numpy()
