@@ -180,7 +180,7 @@ def checkpoint_layers(model) -> None:
     transformers' own checkpointing wraps the decoder layer class's `forward`, which the plan's per-layer
     forwards (transform.py) shadow, so it would skip every CQIL group. torch's composable checkpoint hooks the
     module call instead, whatever forward that runs, and leaves the parameter names (peft's, the adapter's)
-    as they are. A group's first layer computes the whole group, which is recomputed as one unit.
+    as they are. A group's last layer computes the whole group, which is recomputed as one unit.
     """
     for layer in decoder_layers(model):
         checkpoint_activations(layer)

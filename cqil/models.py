@@ -29,9 +29,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufCo
 
 from .errors import ModelError
 from .io import provenance, write_json
-from .layers import FAMILIES
+from .layers import causal_lm, check_config
 from .plan import Plan, Prune
-from .transform import apply_plan, stored_plan
+from .transform import apply_plan, plan_layout, stored_plan
 
 DTYPES = {
     "auto": "auto",
@@ -213,11 +213,10 @@ def load_config(spec: str):
     except (OSError, ValueError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelError(f"model {spec!r}: cannot load its config: {reason}") from None
-    if config.model_type not in FAMILIES:
-        raise ModelError(
-            f"model {spec!r}: family {config.model_type!r} is not supported; "
-            f"supported families are {', '.join(FAMILIES)}"
-        )
+    try:
+        check_config(config)
+    except ModelError as err:
+        raise ModelError(f"model {spec!r}: {err}") from None
     return config
 
 
@@ -247,6 +246,10 @@ def load_model(spec: str, plan: Plan | Prune | None = None, dtype: str = "auto",
     plan = plan or stored_plan(config)
     if plan is not None:
         plan.validate(config.num_hidden_layers)
+    with torch.device("meta"):  # the layer structure, from the config: no weights, no memory
+        causal_lm(AutoModelForCausalLM.from_config(config))
+    if isinstance(plan, Plan):
+        plan_layout(config, plan)  # bypass and LP need the family's layer layout
     if str(spec).startswith(RANDOM):
         torch.manual_seed(0)  # every rank of a distributed run builds the same weights
         with torch.device(device or "cpu"):

@@ -72,6 +72,43 @@ def family(request):
     return request.param
 
 
+def assert_cached_generation_equals_recompute(model, plan, tokens=8, atol=1e-4):
+    """Greedy decoding with the KV cache == recomputing the whole left-padded sequence every token, under `plan`."""
+    from cqil import apply_plan
+    from cqil.layers import CACHE
+
+    apply_plan(model, plan)
+    ids = torch.randint(3, 96, (2, 6), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    ids[0, :2], mask[0, :2] = 0, 0  # row 0 is left-padded by two tokens
+    model.generation_config.eos_token_id = None  # no stopping and no EOS suppression: plain argmax
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=tokens,
+        do_sample=False,
+        return_dict_in_generate=True,
+        output_logits=True,
+        pad_token_id=0,
+    )
+    # every layer, grouped or not, has its own cache entry holding every position (a pruned layer none)
+    cache, removed, layers = getattr(out, CACHE), getattr(plan, "removed", ()), model.config.num_hidden_layers
+    assert len(cache.layers) == layers
+    window = getattr(model.config, "sliding_window", None) or 10**9
+    for i, layer in enumerate(cache.layers):
+        if i not in removed:
+            assert layer.keys.shape[-2] in (6 + tokens - 1, min(window, 6 + tokens - 1), window - 1)
+    seq = ids
+    with torch.no_grad():
+        for step in range(tokens):
+            full_mask = torch.cat([mask, torch.ones(2, step, dtype=mask.dtype)], dim=1)
+            pos = (full_mask.cumsum(-1) - 1).clamp(min=0)
+            logits = model(input_ids=seq, attention_mask=full_mask, position_ids=pos, use_cache=False).logits[:, -1]
+            torch.testing.assert_close(out.logits[step], logits, atol=atol, rtol=atol)
+            seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out.sequences, seq)
+
+
 def tiny_tokenizer():
     """A word-level tokenizer over the tiny models' 96 ids: `w0 .. w91` plus four special tokens."""
     from tokenizers import Tokenizer, models, pre_tokenizers

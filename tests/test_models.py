@@ -35,11 +35,12 @@ def test_unreachable_hub_id_is_one_line():
     assert "cannot load its config" in str(err.value) and "\n" not in str(err.value)
 
 
-def test_unsupported_family_names_the_supported_ones(tmp_path):
+def test_unsupported_family_says_what_cqil_needs(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))
-    with pytest.raises(
-        ModelError, match="family 'gpt2' is not supported; supported families are llama, mistral, qwen2"
-    ):
+    with pytest.raises(ModelError, match="family 'gpt2' is not supported: CQIL needs a decoder-only model whose"):
+        load_model(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5"}))
+    with pytest.raises(ModelError, match="family 't5' is not supported: CQIL needs a decoder-only model that"):
         load_model(str(tmp_path))
 
 

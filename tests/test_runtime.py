@@ -61,7 +61,7 @@ def run_latency(tmp_path, model, *args, settings=SETTINGS) -> dict:
     "family, args, placement",
     [
         ("llama", ["--engine", "cqil", "--plan", "S2-E6-P2-D0"], "replicated"),
-        ("llama", ["--engine", "cqil", "--plan", "S0-E8-P2-D1"], "replicated"),  # from layer 0: the cache-slot remap
+        ("llama", ["--engine", "cqil", "--plan", "S0-E8-P2-D1"], "replicated"),  # from layer 0: slots read for lengths
         ("qwen2", ["--engine", "cqil", "--plan", "S2-E8-P2-D1-official"], "replicated"),
         ("llama", ["--engine", "cqil", "--plan", "S2-E6-P2-D1"], "rank0"),  # the official code's placement
         ("llama", ["--engine", "cqil", "--plan", "S0-E8-P2-LP"], "replicated"),  # LP: the attention outputs all-reduced
@@ -303,8 +303,8 @@ BROKEN_ENGINE = """
 # output is off by one, as a bug in the engine would make it. The library itself is unchanged.
 import cqil.runtime.cqil as engine
 
-correct = engine.rank_forward
-engine.rank_forward = lambda *args, **kwargs: correct(*args, **kwargs) + 1.0
+correct = engine.rank_share
+engine.rank_share = lambda *args, **kwargs: correct(*args, **kwargs) + 1.0
 """
 
 
@@ -397,22 +397,26 @@ def test_layer_latency_on_cpu(tmp_path, capsys):
 # --- Sharding, without processes: what each rank keeps ----------------------------------------------
 
 
-def test_cqil_shard_keeps_one_layer_per_group_and_remaps_its_cache_slot():
-    from cqil.runtime.cqil import NoHead, placeholder, rank_forward
-    from cqil.transform import pass_through
+def test_cqil_shard_keeps_one_layer_per_group_and_fills_the_cache_slots_read_for_lengths():
+    from cqil.runtime.cqil import NoHead, placeholder, rank_last_member
+    from cqil.transform import record_and_pass
 
-    plan = Plan.parse("S2-E6-P2-D0")  # groups [2, 3] and [4, 5] of 8 layers
+    plan = Plan.parse("S0-E6-P2-D0")  # groups [0, 1], [2, 3] and [4, 5] of 8 layers
     for rank in (0, 1):
         model = shard(tiny_model(dtype=torch.float32), plan, rank=rank, world=2)
         layers = model.model.layers
         on_meta = [i for i, layer in enumerate(layers) if layer.mlp.up_proj.weight.is_meta]
-        assert on_meta == [3 - rank, 5 - rank]  # the other rank's layer of each group
-        for first, own in ((2, 2 + rank), (4, 4 + rank)):
-            assert layers[own].self_attn.layer_idx == first  # every rank fills its group's first cache slot
-            assert layers[first].forward.func is rank_forward and layers[first].forward.args[0] is layers[own]
-            assert layers[first + 1].forward is pass_through
-        assert all("forward" not in layers[i].__dict__ for i in (0, 1, 6, 7))  # replicated: the layer's own forward
+        assert on_meta == [1 - rank, 3 - rank, 5 - rank]  # the other rank's layer of each group
+        for first in (0, 2, 4):
+            assert layers[first].forward.func is record_and_pass
+            last = layers[first + 1].forward
+            assert last.func is rank_last_member and last.args[0][rank] is layers[first + rank]
+            assert all(layer.self_attn.layer_idx == i for i, layer in enumerate(layers))  # each its own slot
+        # layer 0's slot is where transformers reads the cache length: rank 1, which does not compute it, fills it
+        assert layers[1].forward.args[5] == ([(0, (2, 16))] if rank == 1 else [])
+        assert all("forward" not in layers[i].__dict__ for i in (6, 7))  # replicated: the layer's own forward
         assert not isinstance(model.lm_head, NoHead)
+    plan = Plan.parse("S2-E6-P2-D0")
     model = shard(tiny_model(dtype=torch.float32), plan, rank=1, world=2, placement="rank0")
     layers = model.model.layers
     assert [i for i, layer in enumerate(layers) if layer.mlp.up_proj.weight.is_meta] == [0, 1, 2, 4, 6, 7]

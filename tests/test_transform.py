@@ -5,12 +5,12 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_model
+from conftest import assert_cached_generation_equals_recompute, tiny_model
 from peft import LoraConfig, get_peft_model
 from transformers.masking_utils import create_causal_mask
 
 from cqil import Plan, PlanError, apply_plan, load_model, parse_plan, remove_plan
-from cqil.layers import CACHE, with_cache
+from cqil.layers import with_cache
 
 PLANS = [
     "S2-E6-P2-D0",
@@ -99,15 +99,18 @@ def test_empty_and_one_layer_groups_are_the_original(family, name):
         assert torch.equal(model(input_ids=ids).logits, expected)
 
 
-def test_group_of_one_layer_is_the_layer():
-    # P=1 plans skip the grouped forward; the mechanism itself also reduces to the layer (float64).
-    from cqil.transform import group_forward
+@pytest.mark.parametrize("parts", [None, "pre-norm"])
+def test_group_of_one_layer_is_the_layer(parts):
+    # P=1 plans skip the grouped forward; the mechanism itself also reduces to the layer (float64), whole or in halves.
+    from cqil.layers import LAYOUTS
+    from cqil.transform import group_sum
 
     model = tiny_model()
     layer, h = model.model.layers[3], torch.randn(2, 7, 64, dtype=torch.float64)
     pos = torch.arange(7)[None]
     kw = dict(position_embeddings=model.model.rotary_emb(h, position_ids=pos), attention_mask=None)
-    torch.testing.assert_close(group_forward([layer], 0, False, h, **kw), layer(h, **kw))
+    layout = LAYOUTS[parts] if parts else None
+    torch.testing.assert_close(group_sum(layout, 1, "paper", [(layer, kw)], h), layer(h, **kw))
 
 
 def test_remove_plan_restores_the_original():
@@ -152,46 +155,9 @@ def test_plan_must_fit_the_model():
         apply_plan(tiny_model(), Plan.parse("S4-E10-P2-D0"))
 
 
-def test_groups_must_not_mix_attention_types():
-    # Qwen2 with a sliding window above layer 4: layers 0-3 full attention, 4-7 sliding.
-    model = tiny_model("qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=4)
-    apply_plan(model, Plan.parse("S0-E8-P2-D0"))  # (0,1) (2,3) (4,5) (6,7): each within one type
-    with pytest.raises(PlanError, match="group 3-4 mixes attention types"):
-        apply_plan(model, Plan.parse("S1-E7-P2-D0"))
-
-
 @pytest.mark.parametrize("name", ["S2-E6-P2-D0", "S1-E5-P4-D1", "S2-E6-P2-LP", "S0-E8-P4-LP", "drop-2-5-6"])
 def test_cached_generation_equals_uncached(family, name):
-    """Greedy decoding with the KV cache == recomputing the whole padded sequence every token."""
-    model, tokens, plan = tiny_model(family, dtype=torch.float32), 8, parse_plan(name)
-    apply_plan(model, plan)
-    ids = ids_batch(length=6)
-    mask = torch.ones_like(ids)
-    ids[0, :2], mask[0, :2] = 0, 0  # row 0 is left-padded by two tokens
-    model.generation_config.eos_token_id = None  # no stopping and no EOS suppression: plain argmax
-    out = model.generate(
-        input_ids=ids,
-        attention_mask=mask,
-        max_new_tokens=tokens,
-        do_sample=False,
-        return_dict_in_generate=True,
-        output_logits=True,
-        pad_token_id=0,
-    )
-    # every layer, grouped or not, has its own cache entry holding every position (a pruned layer none)
-    cache, removed = getattr(out, CACHE), getattr(plan, "removed", ())
-    assert len(cache.layers) == 8
-    assert all(layer.keys.shape[-2] == 6 + tokens - 1 for i, layer in enumerate(cache.layers) if i not in removed)
-
-    seq = ids
-    with torch.no_grad():
-        for step in range(tokens):
-            full_mask = torch.cat([mask, torch.ones(2, step, dtype=mask.dtype)], dim=1)
-            pos = (full_mask.cumsum(-1) - 1).clamp(min=0)
-            logits = model(input_ids=seq, attention_mask=full_mask, position_ids=pos, use_cache=False).logits[:, -1]
-            torch.testing.assert_close(out.logits[step], logits, atol=1e-4, rtol=1e-4)  # float32 sums
-            seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(out.sequences, seq)
+    assert_cached_generation_equals_recompute(tiny_model(family, dtype=torch.float32), parse_plan(name))
 
 
 def test_padding_does_not_leak_into_the_groups():
