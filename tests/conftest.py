@@ -42,23 +42,24 @@ def checkout_copy(dest: Path) -> Path:
     return dest
 
 
+TINY = dict(  # the tiny models' settings, for every family
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=8,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    initializer_range=0.2,  # large weights: every layer changes its input a lot
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+    tie_word_embeddings=False,
+)
+
+
 def tiny_config(family="llama", layers=8, **overrides):
-    settings = dict(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        initializer_range=0.2,  # large weights: every layer changes its input a lot
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-    )
-    settings.update(overrides)
-    return FAMILIES[family](**settings)
+    return FAMILIES[family](**TINY | dict(num_hidden_layers=layers) | overrides)
 
 
 def tiny_model(family="llama", dtype=torch.float64, seed=0, **overrides):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import assert_cached_generation_equals_recompute, tiny_tokenizer
+from conftest import TINY, assert_cached_generation_equals_recompute, tiny_tokenizer
 from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -53,21 +53,7 @@ FAMILIES = {
     "stablelm": {},
     "phi": {},
 }
-SHARED = dict(
-    vocab_size=96,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=8,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    max_position_embeddings=256,
-    initializer_range=0.2,  # large weights: every layer changes its input a lot
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-    tie_word_embeddings=False,
-)
+SHARED = TINY | dict(head_dim=16)  # head_dim: some families would derive a different one
 D0_PLANS = ["S0-E8-P2-D0", "S1-E7-P3-D0"]
 
 
