@@ -134,14 +134,6 @@ def layout(config, mode: str) -> Layout:
     return LAYOUTS[FAMILY_LAYOUTS[family]]
 
 
-def check_tensor_parallel(config) -> None:
-    if config.model_type not in TENSOR_PARALLEL:
-        raise ModelError(
-            f"family {config.model_type!r}: tensor parallelism is not supported (its projections are fused "
-            f"or normalised across heads); it works for {', '.join(TENSOR_PARALLEL)}"
-        )
-
-
 # --- Running the decoder layer by layer -------------------------------------------------------------
 
 

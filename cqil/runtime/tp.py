@@ -14,8 +14,8 @@ from __future__ import annotations
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-from ..errors import EngineError, ModelError
-from ..layers import check_tensor_parallel, decoder_layers
+from ..errors import EngineError
+from ..layers import TENSOR_PARALLEL, decoder_layers
 
 
 def layer_plan() -> dict:
@@ -33,10 +33,11 @@ def layer_plan() -> dict:
 def check_degree(config, degree: int) -> None:
     """Refuse a family whose layers this plan cannot split, and a degree that does not split the heads, the
     KV heads and the MLP evenly."""
-    try:
-        check_tensor_parallel(config)
-    except ModelError as err:
-        raise EngineError(str(err)) from None
+    if config.model_type not in TENSOR_PARALLEL:
+        raise EngineError(
+            f"family {config.model_type!r}: tensor parallelism is not supported (its projections are fused "
+            f"or normalised across heads); it works for {', '.join(TENSOR_PARALLEL)}"
+        )
     heads, kv_heads, width = config.num_attention_heads, config.num_key_value_heads, config.intermediate_size
     if degree < 1 or heads % degree or kv_heads % degree or width % degree:
         allowed = [d for d in range(1, kv_heads + 1) if not (heads % d or kv_heads % d or width % d)]
