@@ -246,15 +246,16 @@ def load_model(spec: str, plan: Plan | Prune | None = None, dtype: str = "auto",
     plan = plan or stored_plan(config)
     if plan is not None:
         plan.validate(config.num_hidden_layers)
-    with torch.device("meta"):  # the layer structure, from the config: no weights, no memory
-        causal_lm(AutoModelForCausalLM.from_config(config))
-    if isinstance(plan, Plan):
-        plan_layout(config, plan)  # bypass and LP need the family's layer layout
     if str(spec).startswith(RANDOM):
         torch.manual_seed(0)  # every rank of a distributed run builds the same weights
         with torch.device(device or "cpu"):
             model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype] if dtype != "auto" else None)
         return apply_plan(model.eval(), plan), None
+    # Before any weight is read (a random spec builds at once, and apply_plan checks it there):
+    with torch.device("meta"):  # the layer structure, from the config: no weights, no memory
+        causal_lm(AutoModelForCausalLM.from_config(config))
+    if isinstance(plan, Plan):
+        plan_layout(config, plan)  # bypass and LP need the family's layer layout
     location, kwargs = resolve(spec)
     if "gguf_file" in kwargs:
         kwargs["quantization_config"] = GgufConfig(dequantize=True)
