@@ -203,6 +203,16 @@ def test_dry_run_of_the_paper_config():
     assert "../shared" not in (ROOT / "config" / "paper.yaml").read_text()  # every path is in the repository
 
 
+def test_dry_run_of_the_gemma3_overlay():
+    """The second family's overlay plans its DAG on the embedded Gemma 3 model, in its own run (the baselines and
+    the later stages follow the `select` checkpoint, so a dry run lists them only once it has run)."""
+    out = snakemake("-n", "-p", "--configfile", "config/gemma3.yaml", "--config", "run=gemma3-dry").stdout
+    counts = jobs(out)  # a run of its own: the committed results/gemma3 would leave nothing to plan
+    assert counts["prepare_model"] == 1 and counts["search"] == 1 and counts["select"] == 1
+    assert "--model gemma3-270m --layers 18" in out and "results/gemma3-dry/gemma3-270m/search.csv" in out
+    assert "gemma3-dry/smollm2-135m" not in out and "gemma3-dry/llama-135m" not in out  # the default's models: no jobs
+
+
 def test_lint():
     """Snakemake's linter finds nothing but its advice to give each rule a conda env (one env serves all)."""
     result = snakemake("--lint", check=False)
@@ -313,6 +323,16 @@ def test_real_run_on_the_default_model(tmp_path):
     assert (comparison.average_low <= comparison.average_diff).all() and comparison.wikitext2_ppl.notna().all()
     assert comparison.prefill_16_reduction.notna().all() and comparison.decode_reduction.notna().all()  # all timed
     assert (out / "figures" / "comparison.png").stat().st_size > 10_000
+    # the claims table across models reads such a run: CQIL and its matched baselines, each against CQIL, paired
+    claims = tmp_path / "claims" / "claims.csv"
+    figure = claims.with_suffix(".png")
+    subprocess.run(["cqil", "claims", str(out), "--out", str(claims), "--figure", str(figure)], check=True)
+    table = pd.read_csv(claims)
+    assert len(table) == 2 * (len(selected) + 3) and set(table.method) == set(comparison.method)
+    assert table[table.method == "CQIL"].vs_cqil_diff.isna().all()
+    models = pd.read_csv(claims.with_name("claims_models.csv"))
+    assert models.layers.tolist() == [30] and len(models.least_sensitive_layers[0].split()) == 3
+    assert figure.stat().st_size > 10_000
     changed = jobs(run(*small, "select={'metric': 'top1'}", "-n").stdout)
     assert "search" not in changed and "corpus" not in changed and changed["select"] == 1
     # a fine-tuning job with several GPUs is launched by torchrun, a process per GPU
