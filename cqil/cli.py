@@ -58,6 +58,7 @@ OPTIONS = {
     "layers": dict(type=int, help="expected number of decoder layers (from the config)"),
     "corpus": dict(help="corpus file written by `cqil corpus`"),
     "inputs": dict(nargs="+", help="the JSON files to collect"),
+    "folders": dict(nargs="+", help="results folders (results/<run>/<model>) of runs with the baselines on"),
     "scores": dict(nargs="*", help="`cqil score` JSON files: held-out quality, zero-shot"),
     "finetune": dict(nargs="*", help="`cqil finetune` JSON files: held-out quality after fine-tuning"),
     "latency": dict(nargs="*", help="`cqil latency` JSON files (simulate) or latency.csv tables (tables)"),
@@ -88,7 +89,7 @@ OPTIONS = {
     "any_record": dict(action="store_true", help="compare, dashboard: also records of another config or machine"),
     "config": dict(help="record: the run's config as JSON (its hash is recorded)"),
 }
-POSITIONAL = ("inputs", "action")
+POSITIONAL = ("inputs", "folders", "action")
 
 
 def stage_parser(sub, name: str, settings_class, run) -> None:

@@ -210,7 +210,14 @@ def run_compare(*, a, b, original, out, bootstrap: int = 2000, seed: int = 0, le
     interval, and on the mean over the tasks on which `original` is above chance (e.g. a plan fine-tuned on two
     corpora: the KD-data ablation), as CSV and Markdown."""
     first, second, reference = (json.loads(Path(path).read_text()) for path in (a, b, original))
-    settings = QualitySettings(bootstrap, seed, level)
+    rows = compared(first, second, reference, QualitySettings(bootstrap, seed, level))
+    frame = pd.DataFrame([{"a": str(a), "b": str(b), **row} for row in rows])
+    write_csv(out, frame)
+    write_markdown(Path(out).with_suffix(".md"), frame.drop(columns=["a", "b"]))
+
+
+def compared(first: dict, second: dict, reference: dict, settings: QualitySettings) -> list[dict]:
+    """Rows of `second` minus `first` per task and on the average over the tasks `reference` does above chance."""
     tasks = [task for task in reference["items"] if task in first["items"] and task in second["items"]]
     rows, points, draws = [], {}, {}
     for index, task in enumerate(tasks):
@@ -221,19 +228,17 @@ def run_compare(*, a, b, original, out, bootstrap: int = 2000, seed: int = 0, le
         rate = chance(reference["items"][task])
         above = level_row(reference, task, metric, settings, index)["low"] > rate if rate is not None else None
         rows.append(
-            comparison(task, metric_name(metric), points[task], draws[task], level)
+            comparison(task, metric_name(metric), points[task], draws[task], settings.level)
             | {"above_chance": above, "n": len(scores)}  # the questions both answered: fewer if their subsets differ
         )
     counted = [row["task"] for row in rows if row["above_chance"]]
     add_average(points, draws, counted)
     if counted:
         rows.append(
-            comparison(AVERAGE, "accuracy", points[AVERAGE], draws[AVERAGE], level)
+            comparison(AVERAGE, "accuracy", points[AVERAGE], draws[AVERAGE], settings.level)
             | {"above_chance": True, "n": sum(row["n"] for row in rows if row["task"] in counted)}
         )
-    frame = pd.DataFrame([{"a": str(a), "b": str(b), **row} for row in rows])
-    write_csv(out, frame)
-    write_markdown(Path(out).with_suffix(".md"), frame.drop(columns=["a", "b"]))
+    return rows
 
 
 def comparison(task: str, metric: str, point: np.ndarray, draws: np.ndarray, level_: float) -> dict:

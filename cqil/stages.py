@@ -15,6 +15,7 @@ from dataclasses import fields
 
 from .analysis import SensitivitySettings, SimilaritySettings, run_sensitivity, run_similarity
 from .baselines import BaselinesSettings, run_baselines, run_comparison
+from .claims import run_claims
 from .data import CorpusSettings, run_corpus
 from .errors import CqilError
 from .evaluate import EvaluateSettings, run_evaluate
@@ -44,6 +45,7 @@ STAGES = {  # in pipeline order; a settings class reads the config section named
     "quality": (QualitySettings, run_quality),
     "compare": (None, run_compare),
     "comparison": (None, run_comparison),
+    "claims": (None, run_claims),
     "figures": (None, run_figures),
     "latency": (LatencySettings, run_latency),
     "latency-table": (None, run_latency_table),
