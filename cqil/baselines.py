@@ -34,7 +34,7 @@ from .io import provenance, write_csv, write_json, write_markdown
 from .layers import decoder_layers, lm_logits, run_layers
 from .metrics import add_sums, log_probs, summarize, token_sums
 from .models import load_config, load_model
-from .plan import Plan, Prune
+from .plan import Plan, Prune, Setup
 from .report import comparison_figure
 from .runtime import resolve_device
 from .transform import apply_plan, planned, prunable_layers
@@ -250,10 +250,10 @@ def _reductions(latency) -> dict:
     frame = pd.read_csv(latency)
     timed = {}
     for row in frame.itertuples():
-        variant = row.setup.split(" ", 1)[1] if row.setup.startswith(("cqil ", "pruned ")) else None
-        if variant and " x " not in variant:
+        setup = Setup.parse(row.setup)
+        if setup.engine in ("cqil", "pruned") and setup.degree == 1:
             label = f"{row.phase}_{row.tokens}" if row.phase == "prefill" else "decode"
-            timed.setdefault(variant, {})[f"{label}_reduction"] = row.reduction
+            timed.setdefault(str(setup.plan), {})[f"{label}_reduction"] = row.reduction
     return timed
 
 

@@ -4,9 +4,9 @@
     ...                                   # time things
     load = window.stop(own_seconds, limit=0.1)   # own_seconds: CPU time this job's ranks used meanwhile
 
-A latency measured while other work runs is not a property of the engine: with other work on the same
-2 cores, a same-run 1-thread baseline took 3.6 s where a quiet run takes 1.1 s, and CQIL's decode gain
-became -44%. The kernel counts every core's busy time (/proc/stat: user, nice, system, irq, softirq and
+A latency measured while other work runs is not a property of the engine: other work on the same cores
+slows the baseline and the engines unequally and turns CQIL's gain into a loss (docs/tracking.md, *Busy
+machines*, has the numbers). The kernel counts every core's busy time (/proc/stat: user, nice, system, irq, softirq and
 steal, the time a hypervisor gave to another machine); what this job's own processes did not use of it
 went to others. `share` is that time as a fraction of the cores' capacity over the window; beyond `limit`
 the measurement is *contended*: the latency table withholds its reductions, the simulator's fit and

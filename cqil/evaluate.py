@@ -204,7 +204,7 @@ def lm_eval_tasks(
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(next(model.parameters()).device))
     local = {path.stem for path in Path(include_path).glob("*.yaml")}
-    # lm-eval's own tasks (sciq, winogrande, ... from the Hub) only when asked: scanning them takes 13 s
+    # lm-eval's own tasks (sciq, winogrande, ... from the Hub) only when asked: scanning them is slow
     defaults = not set(tasks) <= local or any(lm_eval_members(task) for task in tasks)
     manager = TaskManager(include_path=str(include_path), include_defaults=defaults)
     questions = {task: count for task, count in (questions or {}).items() if task in tasks}

@@ -257,8 +257,8 @@ def time_allreduce(ranks, settings: LatencySettings, hidden: int, dtype, sync) -
 # dtype, so only the order of the additions differs (the all-reduce, TP's split matmuls). float32: 1e-4
 # absolute, the tests' tolerance. bfloat16 and float16 keep 8 and 11 significant bits, and that drift
 # grows with width and depth: TP's row-parallel partial sums are rounded before they are added. The
-# bf16 limit is set from TP 2 at LLaMA-7B width on an H200, which drifted just past the earlier 5%
-# (docs/gpu.md has the measured drifts); a broken engine misses by far more (the plan itself, an
+# bf16 limit is set from TP 2 at LLaMA-7B width on a GPU, the widest drift seen (docs/gpu.md has the
+# measured drifts); a broken engine misses by far more (the plan itself, an
 # unfilled cache slot).
 CHECK_TOLERANCE = {"float64": (1e-8, 0.0), "float32": (1e-4, 0.0), "bfloat16": (0.0, 0.10), "float16": (0.0, 0.01)}
 

@@ -10,8 +10,8 @@ records carry, first that applies:
   Mann-Whitney U test of the two sets of repeats; it assumes no distribution, and one slow repeat cannot decide
   it. The change is then its companion estimate, the Hodges-Lehmann shift (the median of all new/old pairwise
   ratios, or differences), which is steadier than the difference of two medians of 5. Not for a rule that
-  `drifts` (a raw latency in ms): its repeats in one run agree closely while two runs on this VM differ by
-  15-39%, so a test of one run's repeats against another's calls that drift a change;
+  `drifts` (a raw latency in ms): its repeats in one run agree closely while two runs on one machine differ by
+  far more (docs/tracking.md), so a test of one run's repeats against another's calls that drift a change;
 - an interval (quality: a bootstrap interval over questions): a z-test of the difference, each standard
   error read off its interval as (high - low) / (2 z);
 - neither (or a rule that drifts), for a timing (a rule with `timed`: a wall time measured once, a raw latency):

@@ -25,6 +25,7 @@ from conftest import ROOT, checkout_copy
 from snakemake_executor_plugin_slurm.submit_string import get_submit_command
 from snakemake_executor_plugin_slurm.utils import set_gres_string
 
+from cqil.memory import merged
 from cqil.plan import Setup
 
 pytestmark = pytest.mark.slurm
@@ -159,7 +160,8 @@ def test_the_paper_run_asks_slurm_for_what_its_config_says(paper_jobs):
     """Each job of `snakemake --cores all --profile slurm --configfile config/paper.yaml` asks for the config's CPUs
     (not the cores of the host that submits them), GPUs (one per rank of a latency setup), memory and time; GPU jobs run
     offline, after the CPU jobs that download; torchrun's ranks share the job's threads."""
-    resources = yaml.safe_load((ROOT / "config" / "paper.yaml").read_text())["resources"]
+    default, paper = (yaml.safe_load((ROOT / "config" / name).read_text()) for name in ("config.yaml", "paper.yaml"))
+    resources = merged(default, paper)["resources"]  # as Snakemake merges them: paper.yaml is a diff
     jobs = [job for job in paper_jobs if job.shell]
     assert {"prepare_model", "prepare_tasks", "corpus", "search", "score", "finetune", "evaluate"} <= {
         job.rule for job in jobs

@@ -120,9 +120,8 @@ def job_cores() -> list[int]:
 def pin(ranks: Ranks, threads: int) -> list[int] | None:
     """On CPU, bind rank r to its own `threads` cores among those this job may use (as MPI's `--bind-to core`).
 
-    Unbound ranks get moved between cores and share them with the launcher. On the 2-vCPU test VM,
-    binding lifted CQIL P=2's decode gain from 0-2% to 4-14% and its prefill gain by a few points of
-    the ideal (README, *Latency*). Returns the cores, or None where the ranks are on GPUs, there is
+    Unbound ranks get moved between cores and share them with the launcher; what binding buys is measured
+    in docs/latency.md (*Measured on 2 CPU cores*). Returns the cores, or None where the ranks are on GPUs, there is
     one rank, too few cores, or no affinity API (macOS).
     """
     if ranks.device.type != "cpu" or ranks.world == 1 or not hasattr(os, "sched_setaffinity"):

@@ -20,11 +20,13 @@ RESOURCES = f"resources/{config['run']}/{{model}}"
 SIMULATION = f"results/{config['run']}/simulation"
 TABLES = f"results/{config['run']}/tables"
 SIMULATION_FIGURES = ["simulation_reduction", "simulation_crossover", "simulation_validation"]
+LOGS = f"logs/{config['run']}"
 
 
-def log_path(rule, suffix="log"):
-    """logs/<run>/<rule>/<model>.log, and .benchmark.tsv beside it (Snakemake's timings)."""
-    return f"logs/{config['run']}/{rule}/{{model}}.{suffix}"
+def log_path(rule, suffix="log", job="{model}"):
+    """logs/<run>/<rule>/<job>.log, and .benchmark.tsv beside it (Snakemake's timings). `job`: the wildcards that
+    name one job of the rule (`{model}/{plan}`); None for a rule that runs once per run (logs/<run>/<rule>.log)."""
+    return f"{LOGS}/{rule}.{suffix}" if job is None else f"{LOGS}/{rule}/{job}.{suffix}"
 
 
 LATENCY_MODELS = config["latency_setups"]["models"]
@@ -92,7 +94,7 @@ def job_resources(rule, **override):
     these names; a local run ignores them). `cpus_per_task` is the config's threads: SLURM's --cpus-per-task
     would otherwise be the job's `threads`, which Snakemake caps at the --cores of the submitting host."""
     keys = ("mem_mb", "runtime", "gpu", "gpu_model", "slurm_partition", "slurm_account")
-    values = rule_resources(rule)
+    values = res(rule)
     return {key: values[key] for key in keys if key in values} | {"cpus_per_task": values["threads"]} | override
 
 
@@ -108,14 +110,11 @@ def run_folder(wildcards, output):
     return str(Path(output[0]).parents[1])
 
 
-def rule_resources(rule):
-    """A rule's entry in config.resources over the default entry."""
-    return {**config["resources"]["default"], **config["resources"].get(rule, {})}
-
-
-def res(rule, key):
-    """One resource of a rule."""
-    return rule_resources(rule)[key]
+def res(rule, key=None):
+    """A rule's entry in config.resources over the default entry, or one value of it (`key`): the rules read their
+    `threads` here and their `resources:` from `job_resources`."""
+    entry = {**config["resources"]["default"], **config["resources"].get(rule, {})}
+    return entry if key is None else entry[key]
 
 
 def for_selected_plans(*patterns):

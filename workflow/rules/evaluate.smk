@@ -6,7 +6,7 @@ rule prepare_tasks:
     output:
         touch(f"resources/{config['run']}/hub_tasks.done"),
     log:
-        f"logs/{config['run']}/prepare_tasks.log",
+        log_path("prepare_tasks", job=None),
     threads: res("prepare_tasks", "threads")
     resources:
         **job_resources("prepare_tasks"),
@@ -23,9 +23,9 @@ rule evaluate:
     output:
         f"{RESULTS}/eval/{{variant}}.json",
     log:
-        f"logs/{config['run']}/evaluate/{{model}}/{{variant}}.log",
+        log_path("evaluate", job="{model}/{variant}"),
     benchmark:
-        f"logs/{config['run']}/evaluate/{{model}}/{{variant}}.benchmark.tsv"
+        log_path("evaluate", "benchmark.tsv", job="{model}/{variant}")
     threads: res("evaluate", "threads")
     resources:
         **job_resources("evaluate"),

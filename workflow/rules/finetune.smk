@@ -11,9 +11,9 @@ rule finetune:
             subcategory="{model}",
         ),
     log:
-        f"logs/{config['run']}/finetune/{{model}}/{{plan}}.log",
+        log_path("finetune", job="{model}/{plan}"),
     benchmark:
-        f"logs/{config['run']}/finetune/{{model}}/{{plan}}.benchmark.tsv"
+        log_path("finetune", "benchmark.tsv", job="{model}/{plan}")
     threads: res("finetune", "threads")
     resources:
         **job_resources("finetune"),

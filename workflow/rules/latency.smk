@@ -7,9 +7,9 @@ rule latency:
     output:
         f"{RESULTS}/latency/{{setup}}.json",
     log:
-        f"logs/{config['run']}/latency/{{model}}/{{setup}}.log",
+        log_path("latency", job="{model}/{setup}"),
     benchmark:
-        f"logs/{config['run']}/latency/{{model}}/{{setup}}.benchmark.tsv"
+        log_path("latency", "benchmark.tsv", job="{model}/{setup}")
     threads: latency_threads
     resources:
         **job_resources("latency", gpu=latency_gpus, cpus_per_task=latency_threads),

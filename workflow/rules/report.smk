@@ -38,7 +38,7 @@ rule tables:
         ],
         [f"{TABLES}/{name}.{kind}" for name in ("quality", "latency") for kind in ("md", "tex")],
     log:
-        f"logs/{config['run']}/tables.log",
+        log_path("tables", job=None),
     threads: 1
     params:
         quality=" ".join(f"{model}=results/{config['run']}/{model}/quality.csv" for model in config["models"]),

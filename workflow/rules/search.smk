@@ -45,9 +45,9 @@ rule score:
     output:
         f"{RESULTS}/plans/{{plan}}/scores.json",
     log:
-        f"logs/{config['run']}/score/{{model}}/{{plan}}.log",
+        log_path("score", job="{model}/{plan}"),
     benchmark:
-        f"logs/{config['run']}/score/{{model}}/{{plan}}.benchmark.tsv"
+        log_path("score", "benchmark.tsv", job="{model}/{plan}")
     threads: res("score", "threads")
     resources:
         **job_resources("score"),

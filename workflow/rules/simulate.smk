@@ -24,7 +24,7 @@ rule simulate:
         ],
         [f"{SIMULATION}/{name}.pdf" for name in SIMULATION_FIGURES],
     log:
-        f"logs/{config['run']}/simulate.log",
+        log_path("simulate", job=None),
     threads: 1
     params:
         settings=settings("simulate"),

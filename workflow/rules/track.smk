@@ -6,14 +6,14 @@ rule track:
     output:
         f"results/{config['run']}/track/record.json",
     log:
-        f"logs/{config['run']}/track.log",
+        log_path("track", job=None),
     threads: 1
     params:
         settings=settings("track"),
         history="results/history.jsonl",  # every run's record, appended: not a file of this run
         config=shlex.quote(json.dumps(config, sort_keys=True, default=str)),
         run_dir=run_folder,
-        logs=f"logs/{config['run']}",
+        logs=LOGS,
         name=config["run"],
     shell:
         "cqil track record --settings {params.settings} --run-dir {params.run_dir} --logs {params.logs}"
@@ -27,7 +27,7 @@ rule dashboard:
     output:
         f"results/{config['run']}/track/dashboard.html",
     log:
-        f"logs/{config['run']}/dashboard.log",
+        log_path("dashboard", job=None),
     threads: 1
     params:
         settings=settings("track"),
