@@ -28,6 +28,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -38,7 +39,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRot
 
 from . import runtime
 from .contention import Window, contended, describe, own_seconds
-from .decode import Decoder, check_mode, no_recompiles
+from .decode import MODES, Decoder, no_recompiles
 from .errors import EngineError
 from .io import provenance, write_csv, write_json, write_markdown
 from .layers import decoder_layers, with_cache
@@ -81,18 +82,44 @@ class LatencySettings:
     backend: str = "inductor"  # torch.compile backend of the compiled mode ("eager": dynamo without code generation)
     share_gpu: bool = False  # several ranks on one GPU (gloo): a check of the CUDA path, never a timing for the tables
 
+    def __post_init__(self):  # checked before any process starts, and by check_config before any job
+        if self.mode not in MODES:
+            raise EngineError(f"latency.mode: {self.mode!r} is not one of {', '.join(MODES)}")
+        if self.placement not in cqil.PLACEMENTS:
+            raise EngineError(f"latency.placement: {self.placement!r} is not one of {', '.join(cqil.PLACEMENTS)}")
 
-def setup_of(engine: str, plan: Plan | Prune | None, degree: int | None) -> Setup:
-    """The setup the command line asks for (`--engine`, `--plan`, `--degree`), or a one-line error."""
-    if engine not in ENGINES:
-        raise EngineError(f"engine {engine!r}: allowed are {', '.join(ENGINES)}")
-    if engine == "cqil" and not isinstance(plan, Plan):
-        raise EngineError("engine cqil needs a plan (--plan S12-E28-P2-D0)")
-    if engine == "pruned" and not isinstance(plan, Prune):
-        raise EngineError("engine pruned needs the removed layers (--plan drop-17-19-20)")
-    if engine == "tp" and not degree:
-        raise EngineError("engine tp needs a degree (--degree 2)")
-    return Setup(engine, plan if engine in ("cqil", "pruned") else None, degree if engine == "tp" else 1)
+
+@dataclass(frozen=True)
+class Job:
+    """What one `cqil latency` run times, checked whole before any process starts (`Job.check`): the model (its
+    spec and config) and the setup. The ranks and the engines take it as it is; what they still check needs the
+    live run (the process group's size, the logits)."""
+
+    spec: str  # the model as the command line names it
+    setup: Setup
+    config: Any  # the model's transformers config, read without its weights
+
+    @classmethod
+    def check(cls, spec: str, engine: str, plan: Plan | Prune | None, degree: int | None) -> Job:
+        """The job the command line asks for (`--model`, `--engine`, `--plan`, `--degree`), or a one-line error:
+        the setup, and its plan or degree against the model's config."""
+        if engine not in ENGINES:
+            raise EngineError(f"engine {engine!r}: allowed are {', '.join(ENGINES)}")
+        if engine == "cqil" and not isinstance(plan, Plan):
+            raise EngineError("engine cqil needs a plan (--plan S12-E28-P2-D0)")
+        if engine == "pruned" and not isinstance(plan, Prune):
+            raise EngineError("engine pruned needs the removed layers (--plan drop-17-19-20)")
+        if engine == "tp" and not degree:
+            raise EngineError("engine tp needs a degree (--degree 2)")
+        setup = Setup(engine, plan if engine in ("cqil", "pruned") else None, degree if engine == "tp" else 1)
+        config = load_config(spec)
+        if setup.plan:
+            setup.plan.validate(config.num_hidden_layers)
+        if setup.engine == "pruned":
+            check_prune(config, setup.plan)
+        if setup.engine == "tp":
+            tp.check_degree(config, setup.degree)
+        return cls(spec, setup, config)
 
 
 def result_setup(result: dict, threads: int | None = None) -> Setup:
@@ -301,7 +328,7 @@ def shard(model, setup: Setup, ranks, settings: LatencySettings):
         with planned(model, setup.plan):  # the single-process simulation of the same plan
             reference = reference_run(model, settings, ranks.device)
         effect = compare(Decoder(model), reference)  # the original against the simulation: what the plan changes
-        model = cqil.shard(model, setup.plan, ranks.rank, ranks.world, settings.placement)
+        model = cqil.shard(model, setup.plan, ranks.rank, settings.placement)
         effect = {f"plan_effect_{key}": effect[key] for key in ("max_abs_diff", "argmax_agreement")}
     elif setup.engine == "tp":
         reference, effect = reference_run(model, settings, ranks.device), {}
@@ -316,12 +343,11 @@ def shard(model, setup: Setup, ranks, settings: LatencySettings):
     return decoder, compare(decoder, reference) | effect
 
 
-def measure(
-    spec: str, setup: Setup, settings: LatencySettings, dtype: str = "auto", device: str = "auto"
-) -> dict | None:
-    """Run the setup's engine on this rank; rank 0 returns the result (records, check, parts), the others None."""
+def measure(job: Job, settings: LatencySettings, dtype: str = "auto", device: str = "auto") -> dict | None:
+    """Run the job's engine on this rank; rank 0 returns the result (records, check, parts), the others None."""
+    spec, setup = job.spec, job.setup
     ranks = runtime.init(settings.timeout, device, share_gpu=settings.share_gpu)
-    if ranks.world != setup.ranks:
+    if ranks.world != setup.ranks:  # under a torchrun of another size
         raise EngineError(f"engine {setup.engine}: needs {setup.ranks} ranks, this run has {ranks.world}")
     job_cores = runtime.job_cores()
     cores = runtime.pin(ranks, settings.threads_per_rank)
@@ -446,18 +472,10 @@ def run_latency(
     """The stage: prefill and decode latency of one engine (original, cqil, tp or pruned), checked against a 1-process
     reference in the same run. cqil and tp run on several ranks: outside torchrun this starts torchrun itself
     (with `argv`, this command's own arguments)."""
-    setup = setup_of(engine, plan, degree)
-    check_mode(settings.mode, "latency.mode")
-    config = load_config(model)  # refuse a bad plan, degree or mode before any process starts
-    if setup.plan:
-        setup.plan.validate(config.num_hidden_layers)
-    if setup.engine == "pruned":
-        check_prune(config, setup.plan)
-    if setup.engine == "tp":
-        tp.check_degree(config, setup.degree)
-    if setup.ranks > 1 and not runtime.under_torchrun():
-        return runtime.launch(["-m", "cqil", *argv], setup.ranks)
-    result = measure(model, setup, settings, dtype, device)
+    job = Job.check(model, engine, plan, degree)  # a bad plan or degree fails here, before any process starts
+    if job.setup.ranks > 1 and not runtime.under_torchrun():
+        return runtime.launch(["-m", "cqil", *argv], job.setup.ranks)
+    result = measure(job, settings, dtype, device)
     if result is not None:  # rank 0
         if contended(result):
             print(

@@ -241,7 +241,7 @@ def engine_worker(rank: int, world: int, port: int, results):
             reference = family_model(family)
             if engine == "cqil":
                 apply_plan(reference, Plan.parse(name))
-                model = cqil_engine.shard(family_model(family), Plan.parse(name), rank, world, placement)
+                model = cqil_engine.shard(family_model(family), Plan.parse(name), rank, placement)
             else:
                 model = tp.shard(family_model(family), degree=world, device_type="cpu")
             with torch.no_grad():

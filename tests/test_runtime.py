@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from cqil.cli import main
-from cqil.latency import SLOWDOWN, LatencySettings, check_failure, table
+from cqil.latency import SLOWDOWN, Job, LatencySettings, check_failure, measure, table
 from cqil.plan import Plan, Setup
 from cqil.runtime import EngineError, Ranks, bind, launch, pin
 from cqil.runtime.cqil import shard
@@ -226,8 +226,21 @@ def test_bad_degree_and_world_refused_up_front(tiny_dirs, tmp_path, capsys):
     assert "engine cqil needs a plan" in capsys.readouterr().err
     with pytest.raises(EngineError, match="9 attention heads, 3 KV heads"):  # SmolLM2-135M's shape over 2 ranks
         check_degree(tiny_config(hidden_size=576, num_attention_heads=9, num_key_value_heads=3), 2)
-    with pytest.raises(EngineError, match="needs 2 ranks, got 3"):
-        shard(tiny_model(), Plan.parse("S2-E6-P2-D0"), rank=0, world=3)
+    with pytest.raises(SystemExit):  # the settings: a bad mode or placement before any model loads
+        run_latency(tmp_path, tiny_dirs["llama"], "--engine", "original", settings={"placement": "ring"})
+    assert "latency.placement: 'ring' is not one of replicated, rank0" in capsys.readouterr().err
+    with pytest.raises(EngineError, match="latency.mode: 'graph' is not one of eager, static, compiled"):
+        LatencySettings(mode="graph")
+
+
+def test_a_run_under_a_torchrun_of_another_size_is_refused(tiny_dirs, monkeypatch):
+    """What only the live run can tell: the process group has as many ranks as the setup needs."""
+    import cqil.latency
+
+    job = Job.check(str(tiny_dirs["llama"]), "cqil", Plan.parse("S2-E6-P2-D0"), None)
+    monkeypatch.setattr(cqil.latency.runtime, "init", lambda *args, **kwargs: Ranks(0, 3, torch.device("cpu")))
+    with pytest.raises(EngineError, match="engine cqil: needs 2 ranks, this run has 3"):
+        measure(job, LatencySettings())
 
 
 FAILING = """
@@ -403,7 +416,7 @@ def test_cqil_shard_keeps_one_layer_per_group_and_fills_the_cache_slots_read_for
 
     plan = Plan.parse("S0-E6-P2-D0")  # groups [0, 1], [2, 3] and [4, 5] of 8 layers
     for rank in (0, 1):
-        model = shard(tiny_model(dtype=torch.float32), plan, rank=rank, world=2)
+        model = shard(tiny_model(dtype=torch.float32), plan, rank=rank)
         layers = model.model.layers
         on_meta = [i for i, layer in enumerate(layers) if layer.mlp.up_proj.weight.is_meta]
         assert on_meta == [1 - rank, 3 - rank, 5 - rank]  # the other rank's layer of each group
@@ -417,13 +430,11 @@ def test_cqil_shard_keeps_one_layer_per_group_and_fills_the_cache_slots_read_for
         assert all("forward" not in layers[i].__dict__ for i in (6, 7))  # replicated: the layer's own forward
         assert not isinstance(model.lm_head, NoHead)
     plan = Plan.parse("S2-E6-P2-D0")
-    model = shard(tiny_model(dtype=torch.float32), plan, rank=1, world=2, placement="rank0")
+    model = shard(tiny_model(dtype=torch.float32), plan, rank=1, placement="rank0")
     layers = model.model.layers
     assert [i for i, layer in enumerate(layers) if layer.mlp.up_proj.weight.is_meta] == [0, 1, 2, 4, 6, 7]
     assert all(layers[i].forward.func is placeholder and layers[i].forward.args[0] == i for i in (0, 1, 6, 7))
     assert isinstance(model.lm_head, NoHead)  # rank 1 never computes logits under rank-0 placement
-    with pytest.raises(EngineError, match="placement 'ring': allowed are replicated, rank0"):
-        shard(tiny_model(), plan, rank=0, world=2, placement="ring")
 
 
 def test_tp_plan_splits_every_projection_of_every_layer():

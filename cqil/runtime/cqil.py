@@ -26,7 +26,6 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from ..errors import EngineError
 from ..layers import CACHE, Layout, cache_length_layers, causal_lm, decoder_layers
 from ..plan import Plan
 from ..transform import delta, group_calls, plan_layout, record_and_pass, remove_plan, whole_delta
@@ -91,15 +90,13 @@ class NoHead(torch.nn.Module):
         return hidden.new_zeros(*hidden.shape[:-1], self.vocab)
 
 
-def shard(model, plan: Plan, rank: int, world: int, placement: str = "replicated"):
-    """Keep this rank's layer of every group and make the group compute across ranks; returns the model."""
-    if world != plan.size:
-        raise EngineError(f"plan {plan}: P={plan.size} layers per group needs {plan.size} ranks, got {world}")
-    if placement not in PLACEMENTS:
-        raise EngineError(f"placement {placement!r}: allowed are {', '.join(PLACEMENTS)}")
+def shard(model, plan: Plan, rank: int, placement: str = "replicated"):
+    """Keep this rank's layer of every group and make the group compute across ranks (P of them); returns the model.
+
+    The plan, the placement and the number of ranks are the caller's to check, before any rank starts
+    (`latency.Job.check`, `LatencySettings`, and `latency.measure` against the process group)."""
     remove_plan(model)
     layers = decoder_layers(model)
-    plan.validate(len(layers))
     parts = plan_layout(model.config, plan)
     grouped, read = range(plan.start, plan.end), cache_length_layers(model.config)
     kv_shape = (model.config.num_key_value_heads, layers[0].self_attn.head_dim)

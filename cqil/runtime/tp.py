@@ -48,8 +48,8 @@ def check_degree(config, degree: int) -> None:
 
 
 def shard(model, degree: int, device_type: str):
-    """Split every decoder layer over `degree` ranks (the process group's world); returns the model."""
-    check_degree(model.config, degree)
+    """Split every decoder layer over `degree` ranks (the process group's world); returns the model. The degree is
+    the caller's to check against the model's config (`check_degree`), before any rank starts."""
     mesh = init_device_mesh(device_type, (degree,))
     for layer in decoder_layers(model):
         parallelize_module(layer, mesh, layer_plan())
