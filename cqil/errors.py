@@ -23,4 +23,4 @@ class ConfigError(CqilError):
 
 
 class EngineError(CqilError):
-    """An engine that cannot run with these ranks or this model, or whose check failed (cqil.runtime, cqil.latency)."""
+    """An engine that cannot run with these ranks or this model, or whose check failed (cqil.runtime, cqil/latency/)."""

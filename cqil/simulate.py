@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .contention import contended, describe
 from .errors import CqilError
 from .io import provenance, write_csv, write_json, write_markdown
-from .latency import result_setup
+from .latency.contention import contended, describe
+from .latency.table import result_setup
 from .models import SHAPES
 from .plan import Plan, Setup
 from .report import simulation_figures

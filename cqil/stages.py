@@ -20,8 +20,10 @@ from .data import CorpusSettings, run_corpus
 from .errors import CqilError
 from .evaluate import EvaluateSettings, run_evaluate
 from .finetune import FinetuneSettings, run_finetune, run_finetuned_table
-from .gpu import run_decode_latency
-from .latency import LatencySettings, run_latency, run_latency_table, run_layer_latency
+from .latency.engine import run_latency
+from .latency.gpu import run_decode_latency, run_layer_latency
+from .latency.settings import LatencySettings
+from .latency.table import run_latency_table
 from .models import run_prepare
 from .quality import QualitySettings, run_compare, run_quality
 from .report import run_figures, run_tables

@@ -9,7 +9,7 @@ version of every installed package) and the run's key metrics, flattened to `nam
 perplexity, KL and top-1 agreement, task accuracies, measured latencies and reductions, search throughput
 and each stage's wall time (Snakemake's benchmark files). Beside the values it keeps what they rest on:
 every timed repeat of a latency (`samples`), the bootstrap interval of a quality number (`intervals`), and
-which latencies were measured on a busy machine (`contended`, cqil/contention.py).
+which latencies were measured on a busy machine (`contended`, cqil/latency/contention.py).
 
 `compare` gives each metric a verdict from those (cqil/verdict.py): regressed, improved, unchanged or
 inconclusive, with the metric kind's minimum effect (the name's last part; `Rule`, set in config) and, once
@@ -37,7 +37,7 @@ from .dashboard import page
 from .environment import canonical, changes, installed
 from .errors import CqilError
 from .io import atomic, git_sha, machine, settings_hash, write_csv, write_json
-from .latency import result_setup, table, withheld
+from .latency.table import result_setup, table, withheld
 from .verdict import Measurement, Rule, verdict
 
 DEFAULT_RULES = {  # metric kind -> which way is better, and the smallest change worth a verdict

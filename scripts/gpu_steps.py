@@ -63,7 +63,7 @@ def peak_bytes(device) -> int | None:
 def step_env(args) -> None:
     import transformers
 
-    from cqil.gpu import gpu_state
+    from cqil.latency.gpu import gpu_state
 
     cuda = torch.cuda.is_available()
     add(
@@ -91,8 +91,9 @@ def step_collectives(args) -> None:
 
     from cqil import runtime
     from cqil.decode import Decoder
-    from cqil.gpu import decode_ms
-    from cqil.latency import LatencySettings, compare, reference_run
+    from cqil.latency.check import compare, reference_run
+    from cqil.latency.gpu import decode_ms
+    from cqil.latency.settings import LatencySettings
     from cqil.models import load_model
     from cqil.runtime import tp
 
@@ -150,7 +151,7 @@ def step_collectives(args) -> None:
 
 def step_checks(args) -> None:
     """The check block of each `cqil latency` result (2 ranks sharing the GPU), with its limit and margin."""
-    from cqil.latency import check_limit
+    from cqil.latency.check import check_limit
 
     found = {}
     for path in args.results:

@@ -6,7 +6,7 @@ import torch
 
 from cqil.decode import Decoder, no_recompiles
 from cqil.errors import EngineError
-from cqil.latency import prompts
+from cqil.latency.timing import prompts
 from tests.conftest import tiny_model
 
 

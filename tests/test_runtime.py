@@ -18,7 +18,11 @@ import pytest
 import torch
 
 from cqil.cli import main
-from cqil.latency import SLOWDOWN, Job, LatencySettings, check_failure, measure, table
+from cqil.latency.check import check_failure
+from cqil.latency.engine import measure
+from cqil.latency.settings import Job, LatencySettings
+from cqil.latency.table import table
+from cqil.latency.timing import SLOWDOWN
 from cqil.plan import Plan, Setup
 from cqil.runtime import EngineError, Ranks, bind, launch, pin
 from cqil.runtime.cqil import shard
@@ -235,10 +239,10 @@ def test_bad_degree_and_world_refused_up_front(tiny_dirs, tmp_path, capsys):
 
 def test_a_run_under_a_torchrun_of_another_size_is_refused(tiny_dirs, monkeypatch):
     """What only the live run can tell: the process group has as many ranks as the setup needs."""
-    import cqil.latency
+    import cqil.latency.engine
 
     job = Job.check(str(tiny_dirs["llama"]), "cqil", Plan.parse("S2-E6-P2-D0"), None)
-    monkeypatch.setattr(cqil.latency.runtime, "init", lambda *args, **kwargs: Ranks(0, 3, torch.device("cpu")))
+    monkeypatch.setattr(cqil.latency.engine.runtime, "init", lambda *args, **kwargs: Ranks(0, 3, torch.device("cpu")))
     with pytest.raises(EngineError, match="engine cqil: needs 2 ranks, this run has 3"):
         measure(job, LatencySettings())
 

@@ -9,7 +9,7 @@ import pytest
 from conftest import rendered
 
 from cqil.cli import main
-from cqil.latency import SLOWDOWN
+from cqil.latency.timing import SLOWDOWN
 from cqil.track import (
     TrackSettings,
     append,
