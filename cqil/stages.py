@@ -29,7 +29,8 @@ from .quality import QualitySettings, run_compare, run_quality
 from .report import run_figures, run_tables
 from .search import ScoreSettings, SearchSettings, SelectSettings, run_score, run_scores_table, run_search, run_select
 from .simulate import SimulateSettings, run_simulate
-from .track import TrackSettings, run_track
+from .tracking.settings import TrackSettings
+from .tracking.track import run_track
 
 STAGES = {  # in pipeline order; a settings class reads the config section named like its stage
     "prepare": (None, run_prepare),

@@ -35,6 +35,6 @@ python3 -m venv "$work/venv"
 pip install -qq -c "$work/hold.txt" -e '.[test]'  # a fresh venv: pip takes the newest release each bound allows
 
 echo
-python -m cqil.environment requirements.lock.txt || true  # the drift: reported, not a failure
+python -m cqil.tracking.environment requirements.lock.txt || true  # the drift: reported, not a failure
 echo
 python -m pytest -q -p no:cacheprovider -m "not slow and not slurm and not lock"

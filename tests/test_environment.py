@@ -7,7 +7,7 @@ import pytest
 import tomllib
 import yaml
 
-from cqil.environment import LOCK, canonical, changes, drift, installed, locked
+from cqil.tracking.environment import LOCK, canonical, changes, drift, installed, locked
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())

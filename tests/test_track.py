@@ -10,18 +10,11 @@ from conftest import rendered
 
 from cqil.cli import main
 from cqil.latency.timing import SLOWDOWN
-from cqil.track import (
-    TrackSettings,
-    append,
-    benchmark_json,
-    compare,
-    find,
-    load,
-    package_changes,
-    record,
-    remeasure_command,
-)
-from cqil.verdict import Measurement, Rule, change_points, verdict
+from cqil.tracking.compare import compare, package_changes, remeasure_command
+from cqil.tracking.history import append, find, load, record
+from cqil.tracking.settings import TrackSettings
+from cqil.tracking.track import benchmark_json
+from cqil.tracking.verdict import Measurement, Rule, change_points, verdict
 
 BASE = {
     "m/S16-E28-P2-D0/zeroshot/heldout/kl": 0.40,

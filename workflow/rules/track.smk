@@ -20,7 +20,7 @@ rule track:
         " --config {params.config} --config-name {params.name} --history {params.history} --out {output} > {log} 2>&1"
 
 
-# The history as one static HTML page: a trend per metric with its band and change points (cqil/dashboard.py).
+# The history as one static HTML page: a trend per metric with its band and change points (cqil/tracking/dashboard.py).
 rule dashboard:
     input:
         rules.track.output,

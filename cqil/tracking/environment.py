@@ -1,6 +1,6 @@
 """The Python environment against the lock: which packages are installed, and which differ.
 
-    python -m cqil.environment requirements.lock.txt    # every package that differs from the lock
+    python -m cqil.tracking.environment requirements.lock.txt    # every package that differs from the lock
 
 `requirements.lock.txt` pins every package of the environment that made `results/` (see pyproject.toml
 for how it is made). Track records store `installed()`, so `cqil track compare` can name the package
@@ -15,7 +15,7 @@ import sys
 from importlib.metadata import distributions
 from pathlib import Path
 
-LOCK = Path(__file__).resolve().parents[1] / "requirements.lock.txt"  # in a checkout; not in an installed wheel
+LOCK = Path(__file__).resolve().parents[2] / "requirements.lock.txt"  # in a checkout; not in an installed wheel
 UNLOCKED = {"cqil", "pip"}  # the project itself, and the installer that venv brings
 
 
