@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .data import load_split
 from .errors import CqilError
 from .io import provenance, write_csv, write_json
-from .layers import decoder_inputs, decoder_layers, lm_logits, run_layers
+from .layers import decoder_layers, layer_inputs, lm_logits, run_layers
 from .metrics import add_sums, log_probs, summarize, token_sums
 from .models import load_model
 from .runtime import resolve_device
@@ -39,19 +39,6 @@ class SensitivitySettings:
     split: str = "calibration"
     distances: list = field(default_factory=lambda: [1, 2])  # layer i runs on the input of layer i-k
     batch_size: int = 2
-
-
-def layer_inputs(model, input_ids: torch.Tensor):
-    """The input of every decoder layer (L tensors (B, T, C)), the last layer's output, and the layer kwargs.
-
-    On the model as it is: callers that analyse the original run it inside `planned(model, None)`.
-    """
-    hidden, kwargs = decoder_inputs(model, input_ids.to(next(model.parameters()).device))
-    inputs = []
-    for i in range(len(decoder_layers(model))):
-        inputs.append(hidden)
-        hidden = run_layers(model, hidden, kwargs, range(i, i + 1))
-    return inputs, hidden, kwargs
 
 
 @torch.inference_mode()

@@ -4,6 +4,7 @@
     hidden, kwargs = decoder_inputs(model, input_ids)    # layer 0's input, and each layer's mask and rotary
     hidden = run_layers(model, hidden, kwargs, range(12, 30))
     logits = lm_logits(model, hidden)
+    inputs, output, kwargs = layer_inputs(model, input_ids)   # every layer's input: the analysis and the search
 
 Any decoder-only model whose attention layers transformers runs in a list (`model.model.layers`) works:
 D = 0 calls each layer as a whole, so per-layer scalings, sandwich norms, post-norms and residual
@@ -196,6 +197,19 @@ def run_layers(model, hidden: torch.Tensor, layer_kwargs: list[dict], layers: ra
     for i in layers:
         hidden = stack[i](hidden, **layer_kwargs[i])
     return hidden
+
+
+def layer_inputs(model, input_ids: torch.Tensor):
+    """The input of every decoder layer (L tensors (B, T, C)), the last layer's output, and the layer kwargs.
+
+    On the model as it is: callers that analyse the original run it inside `planned(model, None)`.
+    """
+    hidden, kwargs = decoder_inputs(model, input_ids.to(next(model.parameters()).device))
+    inputs = []
+    for i in range(len(decoder_layers(model))):
+        inputs.append(hidden)
+        hidden = run_layers(model, hidden, kwargs, range(i, i + 1))
+    return inputs, hidden, kwargs
 
 
 def lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:

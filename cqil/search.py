@@ -23,11 +23,10 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .analysis import layer_inputs
 from .data import load_split
 from .errors import CqilError
 from .io import provenance, write_csv, write_json
-from .layers import decoder_inputs, decoder_layers, lm_logits, run_layers
+from .layers import decoder_inputs, decoder_layers, layer_inputs, lm_logits, run_layers
 from .metrics import add_sums, log_probs, summarize, token_sums
 from .models import load_config, load_model
 from .plan import Plan, Prune

@@ -10,8 +10,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from cqil import Plan, apply_plan
-from cqil.analysis import cosine_gram, layer_inputs, sensitivity, similarity
+from cqil.analysis import cosine_gram, sensitivity, similarity
 from cqil.errors import CqilError
+from cqil.layers import layer_inputs
 from cqil.metrics import log_probs, summarize, token_sums
 from cqil.search import SelectSettings, score_plans, select
 
