@@ -21,9 +21,9 @@ from pathlib import Path
 
 import yaml
 
-from .config import check_schema
+from .config import check_schema, merged
+from .cost import DEFAULT_TFLOPS, cost_table
 from .errors import CqilError
-from .memory import DEFAULT_TFLOPS, cost_table, merged
 from .metrics import perplexity
 from .models import DTYPES, describe, load_model
 from .plan import ENGINES, parse_plan

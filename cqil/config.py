@@ -7,6 +7,9 @@ becomes that stage's settings, as the job will build them (stages.SECTIONS), so 
 refuse (a missing file, a task without its data) fails here; and every plan and grid value must fit
 every model of the run, which needs the models' layer counts. Last, each job's memory estimate (cqil/memory.py)
 must fit the host memory and the GPU its rule asks for.
+
+Importing this module imports neither torch nor transformers (the schema and the plans need neither): the
+stages' settings and the memory estimate import them when a config is checked, inside the functions.
 """
 
 from __future__ import annotations
@@ -18,9 +21,7 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import best_match
 
 from .errors import ConfigError, CqilError
-from .memory import check_memory
 from .plan import Plan
-from .stages import SECTIONS, settings
 
 
 def _where(path) -> str:
@@ -101,6 +102,8 @@ def check_latency(config: dict) -> None:
 
 def check_settings(config: dict) -> None:
     """Build each stage's settings from its section, as its job will: what they refuse fails now, in one line."""
+    from .stages import SECTIONS, settings  # every stage's module, torch with them
+
     for section, cls in SECTIONS.items():
         try:
             settings(cls, config.get(section, {}), section)
@@ -109,8 +112,18 @@ def check_settings(config: dict) -> None:
 
 
 def check_config(config: dict, schema_path) -> None:
+    from .memory import check_memory  # the models' configs: transformers
+
     check_schema(config, schema_path)
     check_settings(config)
     check_plans(config)
     check_latency(config)
     check_memory(config)
+
+
+def merged(base: dict, overlay: dict) -> dict:
+    """`overlay` over `base`, mappings merged key by key (as Snakemake merges a --configfile over the default)."""
+    out = dict(base)
+    for key, value in overlay.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out

@@ -1,8 +1,9 @@
-"""What each job of a run needs, from the config alone: memory (checked before any job) and GPU-hours.
+"""What each job of a run needs in memory, from the config alone: checked before any job runs.
 
     check_memory(config)                          # raises ConfigError, one line naming the rule, model and fix
     need = job_memory("finetune", "llama-33b", config)   # Memory(host=..., gpu=..., ranks=4), in bytes
-    print(cost_table(config, tflops=124.8))       # `cqil cost`: GPU-hours per stage and model, Markdown
+
+cqil/cost.py counts GPU-hours from the same shapes (`cqil cost`).
 
 A model's shape comes from its config without reading a weight: its parameters are counted on the meta
 device, once per process. The config is the catalog entry's `shape` (a cqil.models.SHAPES name), a
@@ -29,11 +30,11 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from .baselines import BaselinesSettings
 from .data import token_dtype
-from .errors import ConfigError, CqilError, ModelError
+from .errors import ConfigError, ModelError
 from .layers import decoder_layers
 from .models import EMBEDDED, RANDOM, load_config, random_config, resources_dir
 from .plan import Plan, Setup
-from .stages import SECTIONS, settings
+from .stages import SECTIONS
 
 GIB, MIB = 2**30, 2**20
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
@@ -66,21 +67,6 @@ SCORE_BYTES_PER_LOGIT = 12
 # evaluate (lm-eval) pads a batch to its longest request: assumed at most 512 tokens (a multiple-choice question
 # with its context; lm-eval runs the longest batch first, so a task with longer questions fails at once).
 EVAL_TOKENS = 512
-# cqil cost: tokens that lm-eval scores per question (context and every choice): an assumption, not a count.
-EVAL_TOKENS_PER_QUESTION = 512
-TASK_QUESTIONS = {  # evaluated questions of a task the config does not subset (the sets' sizes)
-    "arc_easy_local": 2376,
-    "arc_challenge_local": 1172,
-    "piqa_local": 1838,
-    "winogrande_local": 1267,
-    "openbookqa_local": 500,
-    "sciq": 1000,
-    "mmlu": 14042,
-}
-A100_BF16_PEAK = 312e12  # FLOP/s, dense
-DEFAULT_TFLOPS = 0.4 * A100_BF16_PEAK / 1e12  # sustained: 40% of the A100's bf16 peak
-FP64_SLOWDOWN = 16  # the similarity's Gram matrix is float64: A100 19.5 fp64 tensor-core vs 312 bf16 TFLOP/s
-HBM_BYTES_PER_S = 1.70e12  # latency's decode streams the weights: the A100-80GB preset of cqil.simulate
 
 
 @dataclass(frozen=True)
@@ -228,7 +214,7 @@ def mapped_split_bytes(shape: Shape, config: dict, split: str) -> int:
 # --- per rule: what one rank computes on (its GPU, or host memory), the corpus the job holds, the ranks -------
 
 
-def _section(config: dict, section: str) -> SimpleNamespace:
+def section_settings(config: dict, section: str) -> SimpleNamespace:
     """A section's settings as its stage reads them: the config's values over the settings class's defaults.
     Not the class itself: check_settings has built it already, and some classes' checks are slow (lm-eval tasks)."""
     defaults = {f.name: f.default_factory() if f.default is MISSING else f.default for f in fields(SECTIONS[section])}
@@ -242,29 +228,29 @@ def largest_group(config: dict, model: str) -> int:
 
 
 def _scoring(shape: Shape, config: dict, section: str) -> int:
-    tokens = _section(config, section).batch_size * config["corpus"]["block_size"]
+    tokens = section_settings(config, section).batch_size * config["corpus"]["block_size"]
     logits = tokens * shape.vocab * (SCORE_BYTES_PER_LOGIT + shape.dtype_bytes)
     return weight_bytes(shape) + layer_inputs_bytes(shape, tokens) + logits + working_bytes(shape, tokens)
 
 
 def similarity_need(shape: Shape, config: dict, model: str):
-    batch, block = _section(config, "similarity").batch_size, config["corpus"]["block_size"]
+    batch, block = section_settings(config, "similarity").batch_size, config["corpus"]["block_size"]
     tokens = batch * block
     chunk = gram_chunk_bytes(shape, batch, block)
     compute = weight_bytes(shape) + layer_inputs_bytes(shape, tokens) + chunk + working_bytes(shape, tokens)
-    return compute, corpus_bytes(config, _section(config, "similarity").split), 1
+    return compute, corpus_bytes(config, section_settings(config, "similarity").split), 1
 
 
 def scoring_need(section: str):
     def need(shape: Shape, config: dict, model: str):
-        return _scoring(shape, config, section), corpus_bytes(config, _section(config, section).split), 1
+        return _scoring(shape, config, section), corpus_bytes(config, section_settings(config, section).split), 1
 
     return need
 
 
 def finetune_need(shape: Shape, config: dict, model: str):
-    s = _section(config, "finetune")
-    ranks = max(_resources(config, "finetune")["gpu"], 1)  # torchrun: a process per GPU
+    s = section_settings(config, "finetune")
+    ranks = max(rule_resources(config, "finetune")["gpu"], 1)  # torchrun: a process per GPU
     tokens = math.ceil(s.batch_size / ranks) * config["corpus"]["block_size"]  # each rank's slice of a micro-batch
     act = 2 if _on_gpu(config, "finetune") and s.mixed_precision != "no" else shape.dtype_bytes  # bf16 autocast
     group = largest_group(config, model)
@@ -281,7 +267,7 @@ def finetune_need(shape: Shape, config: dict, model: str):
 
 
 def evaluate_need(shape: Shape, config: dict, model: str):
-    tokens = _section(config, "evaluate").batch_size * EVAL_TOKENS
+    tokens = section_settings(config, "evaluate").batch_size * EVAL_TOKENS
     logits = tokens * shape.vocab * 2 * shape.dtype_bytes  # logits and lm-eval's log-softmax, in the model's dtype
     compute = weight_bytes(shape) + kv_cache_bytes(shape, tokens) + logits + working_bytes(shape, tokens)
     return compute, 0, 1
@@ -296,7 +282,7 @@ def latency_setups(config: dict, model: str) -> list[Setup]:
 
 
 def latency_need(shape: Shape, config: dict, model: str):
-    s = _section(config, "latency")
+    s = section_settings(config, "latency")
     ranks = max(setup.ranks for setup in latency_setups(config, model))
     copies = 2 if s.interleaved_baseline and ranks > 1 else 1  # rank 0 keeps the original beside the engine
     prompt = s.batch_size * max(s.prompt_lengths)
@@ -305,7 +291,7 @@ def latency_need(shape: Shape, config: dict, model: str):
 
 
 def corpus_need(shape: Shape, config: dict, model: str):
-    s = _section(config, "corpus")
+    s = section_settings(config, "corpus")
     tokens = sum(s.blocks.values()) * s.block_size
     arrays = tokens * token_dtype(shape.vocab).itemsize  # the splits, preallocated (cqil/data.py)
     if s.source != "generate":
@@ -327,13 +313,13 @@ RULES = {  # rule -> what one job of it needs; the rules that load a model
 }
 
 
-def _resources(config: dict, rule: str) -> dict:
+def rule_resources(config: dict, rule: str) -> dict:
     """A rule's entry in config.resources over the default (as workflow/rules/common.smk reads it)."""
     return {**config["resources"]["default"], **config["resources"].get(rule, {})}
 
 
 def _on_gpu(config: dict, rule: str) -> bool:
-    return _resources(config, rule)["gpu"] > 0 and config.get("device", "auto") != "cpu"
+    return rule_resources(config, rule)["gpu"] > 0 and config.get("device", "auto") != "cpu"
 
 
 def job_memory(rule: str, model: str, config: dict) -> Memory | None:
@@ -378,12 +364,12 @@ def _edited(config: dict, section: str, **values) -> dict:
 def _gpu_fix(rule: str, model: str, config: dict, limit: int) -> str:
     """The first change that makes the job fit its GPU: checkpointing, a smaller batch, else a larger GPU."""
     tries = []
-    if rule == "finetune" and not _section(config, "finetune").gradient_checkpointing:
+    if rule == "finetune" and not section_settings(config, "finetune").gradient_checkpointing:
         tries.append(
             ("set finetune.gradient_checkpointing: true", _edited(config, "finetune", gradient_checkpointing=True))
         )
     if rule in BATCHED:
-        current = _section(config, rule).batch_size
+        current = section_settings(config, rule).batch_size
         tries += [
             (f"set {rule}.batch_size: {b}", _edited(config, rule, batch_size=b)) for b in range(current - 1, 0, -1)
         ]
@@ -400,7 +386,7 @@ def check_memory(config: dict) -> None:
         need = job_memory(rule, model, config)
         if need is None:
             continue
-        res = _resources(config, rule)
+        res = rule_resources(config, rule)
         if need.host > res["mem_mb"] * MIB:
             ask = math.ceil(need.host / MIB / 1000) * 1000
             raise ConfigError(
@@ -413,134 +399,3 @@ def check_memory(config: dict) -> None:
                 f"config.resources.{rule}: {rule} of {model} needs ~{_gib(need.gpu)} per GPU, the GPU has "
                 f"{_gib(res['gpu_mem_mb'] * MIB)}: {_gpu_fix(rule, model, config, res['gpu_mem_mb'] * MIB)}"
             )
-
-
-# --- the cost: GPU-hours per stage -------------------------------------------------------------------------------
-
-
-def forward_flops(shape: Shape, tokens: int, seq: int, layers: int, head: bool = True) -> float:
-    """A forward of `tokens` (in sequences of `seq`) through `layers` decoder layers and, with `head`, the LM head:
-    2 FLOPs per weight and token, and causal attention's QK^T and AV (2 seq h per token and layer)."""
-    per_token = layers * (2 * shape.layer_parameters + 2 * seq * shape.hidden)
-    return tokens * (per_token + (2 * shape.hidden * shape.vocab if head else 0))
-
-
-def selected_plans(config: dict, model: str) -> int:
-    """Plans `select` carries forward at most: per_size for each P, and the named ones (config and catalog)."""
-    select = _section(config, "select")
-    return select.per_size * len(config["search"]["sizes"]) + len(
-        set(select.always) | set(config["catalog"][model].get("plans", []))
-    )
-
-
-def _split_tokens(config: dict, split: str) -> int:
-    return config["corpus"]["blocks"][split] * config["corpus"]["block_size"]
-
-
-def evaluated_tokens(config: dict) -> int:
-    """Tokens lm-eval scores per variant: each task's questions (EVAL_TOKENS_PER_QUESTION each), and WikiText-2."""
-    s = _section(config, "evaluate")
-    total = s.wikitext_tokens if s.wikitext else 0
-    for task in s.tasks:
-        if task not in s.questions and task not in TASK_QUESTIONS:
-            raise CqilError(
-                f"evaluate.tasks: {task!r} has no known size (known: {', '.join(TASK_QUESTIONS)}); "
-                f"give its questions in evaluate.questions"
-            )
-        questions = s.questions.get(task, TASK_QUESTIONS.get(task))
-        total += min(questions, s.limit or questions) * EVAL_TOKENS_PER_QUESTION
-    return total
-
-
-def stage_flops(shape: Shape, config: dict, model: str) -> dict[str, float]:
-    """FLOPs of each compute stage for one model (latency apart: it is bound by memory, see latency_seconds)."""
-    block, layers = config["corpus"]["block_size"], shape.layers
-    similarity, sensitivity = _section(config, "similarity"), _section(config, "sensitivity")
-    calibration = _split_tokens(config, similarity.split)
-    gram = 2 * layers**2 * (calibration - calibration // block) * shape.hidden * FP64_SLOWDOWN  # float64, A100 rate
-    variants = [(i, k) for k in sensitivity.distances for i in range(k, layers)]
-    search = _section(config, "search")
-    search.include = search.include + config["catalog"][model].get("plans", [])  # as the rule passes them
-    search = settings(SECTIONS["search"], vars(search), "search")
-    finetune = _section(config, "finetune")
-    passes = 2 + ("kd" in finetune.loss) + finetune.gradient_checkpointing  # student fwd+bwd, teacher, recompute
-    steps_tokens = finetune.steps * finetune.grad_accum * finetune.batch_size * block
-    ranks = max(_resources(config, "finetune")["gpu"], 1)  # each rank scores the held-out blocks before and after
-    plans = selected_plans(config, model)
-    return {
-        "similarity": forward_flops(shape, calibration, block, layers, head=False) + gram,
-        "sensitivity": _split_tokens(config, sensitivity.split)
-        * sum(forward_flops(shape, 1, block, n) for n in [layers] + [layers - i for i, _ in variants]),
-        "search": _split_tokens(config, search.split)
-        * sum(forward_flops(shape, 1, block, n) for n in [layers] + [layers - p.start for p in search.plans(layers)]),
-        "score": plans
-        * 2
-        * forward_flops(shape, _split_tokens(config, _section(config, "score").split), block, layers),
-        "finetune": plans
-        * (
-            passes * forward_flops(shape, steps_tokens, block, layers)
-            + ranks * 4 * forward_flops(shape, _split_tokens(config, finetune.eval_split), block, layers)
-        ),
-        "evaluate": (1 + 2 * plans) * forward_flops(shape, evaluated_tokens(config), EVAL_TOKENS_PER_QUESTION, layers),
-    }
-
-
-def latency_seconds(shape: Shape, config: dict, model: str, rate: float) -> float:
-    """GPU-seconds of the latency jobs: every rank held while a repeat prefills (compute) and decodes (the weights
-    streamed once per token); a lower bound, without loading the weights or eager decode's launch costs."""
-    s = _section(config, "latency")
-    total = 0.0
-    for setup in latency_setups(config, model):
-        repeat = sum(
-            forward_flops(shape, s.batch_size * n, n, shape.layers) / rate
-            + s.new_tokens * weight_bytes(shape) / HBM_BYTES_PER_S
-            for n in s.prompt_lengths
-        )
-        timed = 2 if s.interleaved_baseline and setup.ranks > 1 else 1  # the original timed between repeats
-        total += setup.ranks * (s.warmup + s.repeats) * repeat * timed
-    return total
-
-
-def stage_hours(config: dict, model: str, tflops: float) -> dict[str, tuple[float | None, float]]:
-    """Stage -> (FLOPs, GPU-hours) for one model at `tflops` sustained (latency: FLOPs None, time-bound)."""
-    shape = catalog_shape(config, model)
-    if shape is None:
-        raise CqilError(
-            f"catalog.{model}: its config is not on this machine: set catalog.{model}.shape "
-            f"(one of cqil.models.SHAPES) or run `cqil info {config['catalog'][model]['spec']}` once"
-        )
-    rate = tflops * 1e12
-    hours = {stage: (flops, flops / rate / 3600) for stage, flops in stage_flops(shape, config, model).items()}
-    timed = model in (config.get("latency_setups") or {"models": []})["models"]
-    return hours | {"latency": (None, latency_seconds(shape, config, model, rate) / 3600 if timed else 0.0)}
-
-
-def cost_table(config: dict, tflops: float = DEFAULT_TFLOPS) -> str:
-    """GPU-hours per stage (rows) and model (columns) as a Markdown table, with each stage's PFLOP over all models."""
-    models = list(dict.fromkeys(config["models"] + (config.get("latency_setups") or {"models": []})["models"]))
-    per_model = {m: stage_hours(config, m, tflops) if m in config["models"] else {} for m in models}
-    for m in models:  # a model timed only: latency alone
-        if not per_model[m]:
-            per_model[m] = {"latency": stage_hours(config, m, tflops)["latency"]}
-    stages = list(dict.fromkeys(stage for hours in per_model.values() for stage in hours))
-    lines = [
-        f"| stage | {' | '.join(models)} | all models | PFLOP |",
-        "|---" * (len(models) + 3) + "|",
-    ]
-    for stage in stages:
-        cells = [per_model[m].get(stage, (0.0, 0.0)) for m in models]
-        flops = [f for f, _ in cells if f is not None]
-        pflop = f"{sum(flops) / 1e15:,.0f}" if stage != "latency" else "-"
-        row = " | ".join(f"{h:,.2f}" for _, h in cells)
-        lines.append(f"| {stage} | {row} | {sum(h for _, h in cells):,.2f} | {pflop} |")
-    totals = [sum(h for _, h in per_model[m].values()) for m in models]
-    lines.append(f"| **total** | {' | '.join(f'{t:,.0f}' for t in totals)} | **{sum(totals):,.0f}** | |")
-    return "\n".join(lines)
-
-
-def merged(base: dict, overlay: dict) -> dict:
-    """`overlay` over `base`, mappings merged key by key (as Snakemake merges a --configfile over the default)."""
-    out = dict(base)
-    for key, value in overlay.items():
-        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out

@@ -13,10 +13,10 @@ from transformers import AutoModelForCausalLM
 
 from cqil import memory
 from cqil.cli import main
-from cqil.config import check_config
+from cqil.config import check_config, merged
 from cqil.errors import ConfigError
 from cqil.finetune import FinetuneSettings, checkpoint_layers, lora_config
-from cqil.memory import GIB, MIB, Shape, job_memory, merged
+from cqil.memory import GIB, MIB, Shape, job_memory
 from cqil.plan import Plan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,7 +161,7 @@ def test_every_job_of_the_paper_config_sized_by_the_estimate_fits():
     assert None not in estimated.values() and len(estimated) == 8 * 4  # every model's shape is known
     assert all(need.gpu <= 81920 * MIB for need in estimated.values())
     assert all(
-        need.host <= memory._resources(PAPER_SIZED, rule)["mem_mb"] * MIB for (rule, _), need in estimated.items()
+        need.host <= memory.rule_resources(PAPER_SIZED, rule)["mem_mb"] * MIB for (rule, _), need in estimated.items()
     )
     assert round(estimated["similarity", "llama-33b"].gpu / GIB, 1) == 64.5  # docs/cost.md
     # fine-tuning's 4 ranks each hold their runtimes (1 + 2 GiB); the mapped uint16 splits count once

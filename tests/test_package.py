@@ -2,6 +2,8 @@
 
 import ast
 import inspect
+import subprocess
+import sys
 from pathlib import Path
 
 from cqil.stages import STAGES
@@ -48,3 +50,10 @@ def test_every_stage_has_a_run_function_that_says_what_it_does():
         params = list(inspect.signature(run).parameters.values())
         assert (params[0].name == "settings") == (settings is not None), name
         assert all(p.kind is p.KEYWORD_ONLY for p in params if p.name not in ("settings", "inputs", "action")), name
+
+
+def test_checking_a_config_starts_without_torch():
+    """`check_config` runs on every Snakemake parse: importing it imports neither torch nor transformers."""
+    code = "import cqil.config, sys; assert not {'torch', 'transformers'} & set(sys.modules), sorted(sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]

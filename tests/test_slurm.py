@@ -25,7 +25,7 @@ from conftest import ROOT, checkout_copy
 from snakemake_executor_plugin_slurm.submit_string import get_submit_command
 from snakemake_executor_plugin_slurm.utils import set_gres_string
 
-from cqil.memory import merged
+from cqil.config import merged
 from cqil.plan import Setup
 
 pytestmark = pytest.mark.slurm
