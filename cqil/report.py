@@ -1,8 +1,10 @@
-"""Figures and tables built from artifacts only: CSV/JSON in, PNG + PDF figures and CSV/Markdown/LaTeX tables out.
+"""Figures built from artifacts only: CSV/JSON in, PNG + PDF out (`cqil figures`, and each stage's own figure).
 
     cqil figures --similarity similarity.csv --sensitivity sensitivity.csv --search search.csv \
                  --selected selected.json --out-dir figures/
-    cqil tables --quality smollm2-135m=quality.csv --latency latency.csv --predictions predictions.csv --out-dir tables/
+
+Every figure of the pipeline is drawn here, for the stage that writes it (the latency table's, the simulator's,
+the quality trade-off, the baselines' comparison, the fine-tuning loss); the tables are cqil/tables.py's.
 """
 
 from __future__ import annotations
@@ -17,8 +19,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from .errors import CqilError
-from .io import atomic, save_figure, write_csv, write_markdown
+from .io import save_figure
 from .plan import Setup
 
 MARKERS = {2: "o", 3: "s", 4: "^", 5: "D", 6: "v", 8: "P"}
@@ -189,8 +190,16 @@ def latency_figure(frame: pd.DataFrame, results: list[dict], title: str, path) -
 
 
 def simulation_figures(predicted: pd.DataFrame, checked: pd.DataFrame, swept: pd.DataFrame, out) -> None:
-    """Predicted CQIL reduction against P per model and hardware; CQIL vs TP vs CQIL x TP as the all-reduce
-    slows down; predictions against this machine's measurements."""
+    """The simulator's three figures in `out`: predicted CQIL reduction against P per model and hardware; CQIL vs
+    TP vs CQIL x TP as the all-reduce slows down; predictions against this machine's measurements."""
+    reduction_figure(predicted, Path(out) / "simulation_reduction")
+    crossover_figure(swept, Path(out) / "simulation_crossover")
+    validation_figure(checked, Path(out) / "simulation_validation")
+
+
+def reduction_figure(predicted: pd.DataFrame, path) -> None:
+    """Predicted decode reduction of each CQIL plan (D0, no TP) against P, per model and hardware, with the ideal
+    and the paper's numbers."""
     setups = predicted.setup.map(Setup.parse)
     plain_d0 = setups.map(lambda setup: setup.engine == "cqil" and setup.degree == 1 and setup.plan.bypass == 0)
     decode = predicted[(predicted.phase == "decode") & plain_d0]
@@ -215,8 +224,11 @@ def simulation_figures(predicted: pd.DataFrame, checked: pd.DataFrame, swept: pd
         ax.set(title=hw, xlabel="P (layers per group = GPUs)", xticks=sorted(decode.ranks.unique()))
     axes[0][0].set_ylabel("decode latency reduction (%)")
     axes[0][0].legend(fontsize=7, title="solid: predicted, dashed: ideal, *: paper", title_fontsize=7)
-    save_figure(fig, Path(out) / "simulation_reduction")
+    save_figure(fig, path)
 
+
+def crossover_figure(swept: pd.DataFrame, path) -> None:
+    """Predicted decode latency of CQIL, TP and CQIL x TP as the small all-reduce's latency grows (up to 4 GPUs, 8)."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, small in zip(axes, (True, False)):
         part = swept[(swept.ranks <= 4) == small]
@@ -235,13 +247,16 @@ def simulation_figures(predicted: pd.DataFrame, checked: pd.DataFrame, swept: pd
         )
         ax.legend(fontsize=7)
     axes[0].set_ylabel("decode latency (ms/token, predicted)")
-    save_figure(fig, Path(out) / "simulation_crossover")
+    save_figure(fig, path)
 
+
+def validation_figure(checked: pd.DataFrame, path) -> None:
+    """The simulator's predictions against this machine's measurements: fitted on the original, predicted else."""
     fig, ax = plt.subplots(figsize=(4.6, 4.2))
     if checked.empty:  # no `cqil latency` run of this machine to check against (none, or all on a busy machine)
         ax.text(0.5, 0.5, "no uncontended latency run\nof this machine to validate on", ha="center", va="center")
         ax.set_axis_off()
-        save_figure(fig, Path(out) / "simulation_validation")
+        save_figure(fig, path)
         return
     for setup, part in checked.groupby("setup", sort=False):
         ax.scatter(part.measured_ms, part.predicted_ms, label=setup, marker="o" if part.fitted_on.all() else "^")
@@ -256,7 +271,7 @@ def simulation_figures(predicted: pd.DataFrame, checked: pd.DataFrame, swept: pd
         title="this machine: fitted on the original (o), predicted (^)",
     )
     ax.legend(fontsize=7)
-    save_figure(fig, Path(out) / "simulation_validation")
+    save_figure(fig, path)
 
 
 def tradeoff_figure(diffs: pd.DataFrame, path) -> None:
@@ -341,132 +356,6 @@ def comparison_figure(table: pd.DataFrame, path) -> None:
     save_figure(fig, path)
 
 
-# --- Tables: CSV, Markdown and LaTeX, from the stage tables only ------------------------------------
-
-# LLaMA-1-7B, KD fine-tuned, lm-eval 0.4.1, accuracy in %: the official README (github.com/Photooon/CQIL), keyed
-# by the tasks of config/paper.yaml that measure them (MMLU 5-shot: mmlu_5shot). Its D1 adapter and numbers come
-# from the official code's arithmetic, this package's `-official` bypass mode (README, "Plans").
-OFFICIAL = {
-    "llama-7b": {
-        ("original", "original"): {"sciq": 93.0, "winogrande": 70.0, "arc_easy": 72.9, "mmlu_5shot": 35.1},
-        ("S12-E30-P2-D0", "finetuned"): {"sciq": 91.6, "winogrande": 69.1, "arc_easy": 70.1, "mmlu_5shot": 33.3},
-        ("S12-E30-P2-D1-official", "finetuned"): {
-            "sciq": 91.7,
-            "winogrande": 68.4,
-            "arc_easy": 70.0,
-            "mmlu_5shot": 32.5,
-        },
-        ("S14-E30-P4-D0", "finetuned"): {"sciq": 90.0, "winogrande": 68.2, "arc_easy": 65.5, "mmlu_5shot": 33.1},
-    }
-}
-
-
-def quality_table(levels: pd.DataFrame, diffs: pd.DataFrame, model: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The paper's main table: a row per plan and stage (original, zero-shot, fine-tuned); per task its score
-    (accuracy in %, perplexity) and the difference from the original with its 95% interval, `*` where that
-    interval excludes 0; the mean over the above-chance tasks and the share of the zero-shot loss that
-    fine-tuning recovers (shown where the zero-shot loss itself is distinguishable from 0); the held-out KL;
-    for a model with published numbers, the official value beside ours.
-
-    Returns the numbers (for CSV) and the same table written out (for Markdown and LaTeX).
-    """
-    if diffs.empty:  # only the original was evaluated
-        diffs = pd.DataFrame(columns=["plan", "stage", "task", "metric", "diff", "low", "high", "distinguishable"])
-    metric = dict(zip(diffs.task, diffs.metric))
-    tasks = [t for t in dict.fromkeys(levels.task) if t != "heldout"] + (["average"] if "average" in metric else [])
-    official = OFFICIAL.get(model, {})
-    numbers, written = [], []
-    names = {task: metric.get(task, "perplexity" if task == "wikitext2" else "acc_norm") for task in tasks}
-    order = (
-        ["model", "plan", "stage"]
-        + [
-            f"{task.removesuffix('_local')} {names[task]}{part}"
-            for task in tasks
-            for part in ("", " official", " diff")
-        ]
-        + ["recovered", "heldout kl"]
-    )
-
-    def put(row, text, column, value, shown):
-        row[column], text[column] = value, shown
-
-    for (plan, stage), part in levels.groupby(["plan", "stage"], sort=False):
-        row, text = {"model": model, "plan": plan, "stage": stage}, {"model": model, "plan": plan, "stage": stage}
-        mine = diffs[(diffs.plan == plan) & (diffs.stage == stage)].set_index("task")
-        for task in tasks:
-            name = names[task]
-            column = f"{task.removesuffix('_local')} {name}"
-            value = part[(part.task == task) & (part.metric == name)].value
-            if task == "average":  # the mean over the above-chance tasks: in the differences, beside each plan's
-                value = (mine.loc[[task], "value"] if task in mine.index else diffs[diffs.task == task].original)[:1]
-            if len(value):
-                put(row, text, column, float(value.iloc[0]), f"{value.iloc[0]:.1f}")
-            published = official.get((plan, stage), {}).get(task.removesuffix("_local"))
-            if published is not None:
-                put(row, text, f"{column} official", published, f"{published:.1f}")
-            if task in mine.index:
-                d = mine.loc[task]
-                written_diff = f"{d['diff']:+.1f} [{d.low:+.1f}, {d.high:+.1f}]" + ("*" if d.distinguishable else "")
-                put(row, text, f"{column} diff", d["diff"], written_diff)
-                row |= {
-                    f"{column} diff low": d.low,
-                    f"{column} diff high": d.high,
-                    f"{column} diff distinguishable": d.distinguishable,
-                }
-        if stage == "finetuned" and "average" in mine.index:
-            d = mine.loc["average"]
-            share = d.get("recovered", float("nan"))  # quality.difference gives it only for a real zero-shot loss
-            put(
-                row,
-                text,
-                "recovered",
-                share,
-                f"{100 * share:.0f}% [{100 * d.recovered_low:.0f}, {100 * d.recovered_high:.0f}]"
-                if pd.notna(share)
-                else "(no zero-shot loss to recover)",
-            )
-            row |= {"recovered low": d.get("recovered_low"), "recovered high": d.get("recovered_high")}
-        kl = part[(part.task == "heldout") & (part.metric == "kl")].value
-        if len(kl):
-            put(row, text, "heldout kl", float(kl.iloc[0]), f"{kl.iloc[0]:.3f}")
-        numbers.append(row)
-        written.append(text)
-    numbers, written = pd.DataFrame(numbers), pd.DataFrame(written)
-    present = [column for column in order if column in written]
-    extra = [c for c in numbers.columns if c not in order]  # the intervals, beside their difference in the CSV
-    numbers = numbers[[c for column in present for c in [column] + [e for e in extra if e.rsplit(" ", 1)[0] == column]]]
-    return numbers, written[present].fillna("")
-
-
-def latency_summary(measured: list[pd.DataFrame], predicted: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Original, CQIL and TP: measured on this machine where measured, predicted by the simulator otherwise
-    (the `source` column says which), with the ideal reduction and the fraction of it achieved."""
-    columns = ["source", "model", "setup", "phase", "tokens", "ms", "reduction", "ideal", "of_ideal", "paper"]
-    rows = [frame.assign(source="measured (this CPU)", ms=frame.median_ms, paper=None) for frame in measured]
-    if predicted is not None:
-        rows.append(
-            predicted.rename(columns={"shape": "model"}).assign(
-                source="predicted (" + predicted.hardware + ")",
-                of_ideal=predicted.reduction / predicted.ideal.where(predicted.ideal > 0),
-            )
-        )
-    if not rows:
-        return pd.DataFrame(columns=columns)
-    table = pd.concat(rows, ignore_index=True)
-    setups = table.setup.map(Setup.parse)
-    thread_scaling = setups.map(lambda setup: setup.engine == "original" and setup.threads not in (None, 1))
-    return table[~thread_scaling][columns]  # the original's other thread counts stay in latency.csv
-
-
-def write_table(frame: pd.DataFrame, path, written: pd.DataFrame | None = None) -> None:
-    """`path`.csv (the numbers), .md and .tex (`written`, the numbers as text, where given)."""
-    path, written = Path(path), frame if written is None else written
-    write_csv(path.with_suffix(".csv"), frame)
-    write_markdown(path.with_suffix(".md"), written)
-    with atomic(path.with_suffix(".tex")) as tmp:
-        tmp.write_text(written.to_latex(index=False, float_format="%.3g", na_rep="--"))
-
-
 # --- Stages -------------------------------------------------------------------------------------------
 
 
@@ -480,24 +369,3 @@ def run_figures(*, similarity, sensitivity, search, selected, out_dir, title: st
     frontier_figure(
         pd.read_csv(search), chosen["plans"], f"{title}: plan search", out / "frontier", metric=chosen["rule"]["metric"]
     )
-
-
-def run_tables(*, quality: list[str], out_dir, latency=(), predictions=None) -> None:
-    """The stage: the paper's tables (quality, with intervals and the official numbers beside ours; latency
-    measured and predicted), each as CSV, Markdown and LaTeX. `quality`: MODEL=PATH of each model's quality.csv
-    (its quality_diff.csv lies beside it)."""
-    numbers, written = [], []
-    for item in quality:
-        model, _, path = item.partition("=")
-        if not path:
-            raise CqilError(f"--quality {item!r}: expected MODEL=PATH")
-        diffs = Path(path).with_name(Path(path).stem + "_diff.csv")
-        table, text = quality_table(pd.read_csv(path), pd.read_csv(diffs) if diffs.exists() else pd.DataFrame(), model)
-        numbers.append(table)
-        written.append(text)
-    out = Path(out_dir)
-    write_table(
-        pd.concat(numbers, ignore_index=True), out / "quality", pd.concat(written, ignore_index=True).fillna("")
-    )
-    predicted = pd.read_csv(predictions) if predictions else None
-    write_table(latency_summary([pd.read_csv(path) for path in latency], predicted), out / "latency")

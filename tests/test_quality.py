@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 
 from cqil.quality import QualitySettings, run_compare, run_quality
-from cqil.report import quality_table
 from cqil.stats import bootstrap_means, excludes_zero, interval, recovered
+from cqil.tables import quality_table
 
 
 def test_identical_answers_give_an_interval_of_only_zero():

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from cqil.cli import main
-from cqil.report import OFFICIAL, latency_summary, quality_table
+from cqil.tables import OFFICIAL, latency_summary, quality_table
 
 PAPER = yaml.safe_load((Path(__file__).resolve().parents[1] / "config" / "paper.yaml").read_text())
 
