@@ -27,7 +27,7 @@ TASK_QUESTIONS = {  # evaluated questions of a task the config does not subset (
 A100_BF16_PEAK = 312e12  # FLOP/s, dense
 DEFAULT_TFLOPS = 0.4 * A100_BF16_PEAK / 1e12  # sustained: 40% of the A100's bf16 peak
 FP64_SLOWDOWN = 16  # the similarity's Gram matrix is float64: A100 19.5 fp64 tensor-core vs 312 bf16 TFLOP/s
-HBM_BYTES_PER_S = 1.70e12  # latency's decode streams the weights: the A100-80GB preset of cqil.simulate
+HBM_BYTES_PER_S = 1.70e12  # latency's decode streams the weights: the A100-80GB preset of cqil/simulate/model.py
 
 
 def forward_flops(shape: Shape, tokens: int, seq: int, layers: int, head: bool = True) -> float:

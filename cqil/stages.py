@@ -28,7 +28,7 @@ from .models import run_prepare
 from .quality import QualitySettings, run_compare, run_quality
 from .report import run_figures
 from .search import ScoreSettings, SearchSettings, SelectSettings, run_score, run_scores_table, run_search, run_select
-from .simulate import SimulateSettings, run_simulate
+from .simulate.predict import SimulateSettings, run_simulate
 from .tables import run_tables
 from .tracking.settings import TrackSettings
 from .tracking.track import run_track

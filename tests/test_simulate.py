@@ -7,20 +7,9 @@ import pytest
 
 from cqil.cli import main
 from cqil.plan import Plan
-from cqil.simulate import (
-    GPT_FAST,
-    HARDWARE,
-    SimulateSettings,
-    crossover,
-    fit,
-    graph_fit,
-    latency,
-    layer_params,
-    layer_time,
-    reduction,
-    shape_of,
-    validation,
-)
+from cqil.simulate.fit import fit, graph_fit, validation
+from cqil.simulate.model import GPT_FAST, HARDWARE, crossover, latency, layer_params, layer_time, reduction, shape_of
+from cqil.simulate.predict import SimulateSettings
 
 A100 = HARDWARE["A100-80GB/nccl"]
 LLAMA_7B = shape_of("llama-7b")

@@ -13,7 +13,7 @@
   a CUDA graph (the GPU script, scripts/gpu_checks.sh).
 
 The engines themselves (CQIL on P ranks, tensor parallelism) are in cqil/runtime/; the simulator that scales these
-measurements to the paper's GPUs is cqil/simulate.py. Contention sits here, not in cqil/tracking/: it is part of
+measurements to the paper's GPUs is cqil/simulate/. Contention sits here, not in cqil/tracking/: it is part of
 taking a measurement, and tracking only reads the flag a result carries, so the packages import downwards
 (tracking -> latency).
 """
