@@ -298,6 +298,26 @@ def wikitext_perplexity(model, tokenizer, path, tokens: int, block: int) -> tupl
     )
 
 
+def task_scores(model, tokenizer, settings: EvaluateSettings, blocks=None) -> tuple[dict, dict]:
+    """lm-eval's results and every question's score on the settings' tasks: our task files rendered for the
+    settings' data, with the corpus tasks built from `blocks` (the corpus's test blocks) where asked for."""
+    with tempfile.TemporaryDirectory() as tmp:
+        built = None
+        if any(task in CORPUS_TASKS for task in settings.tasks):
+            built = build_corpus_tasks(blocks, tokenizer, Path(tmp) / "corpus", settings.cloze_choices)
+        include = render_tasks(Path(tmp) / "tasks", data_dir=settings.data_dir, corpus_tasks=built)
+        return lm_eval_tasks(
+            model,
+            tokenizer,
+            settings.tasks,
+            include,
+            limit=settings.limit,
+            batch_size=settings.batch_size,
+            questions=settings.questions,
+            seed=settings.seed,
+        )
+
+
 def run_evaluate(
     settings: EvaluateSettings,
     *,
@@ -323,25 +343,7 @@ def run_evaluate(
         from peft import PeftModel
 
         loaded = PeftModel.from_pretrained(loaded, adapter).merge_and_unload()  # the plan stays applied
-    results, items = {}, {}
-    if settings.tasks:
-        with tempfile.TemporaryDirectory() as tmp:
-            built = (
-                build_corpus_tasks(blocks, tokenizer, Path(tmp) / "corpus", settings.cloze_choices)
-                if corpus_tasks
-                else None
-            )
-            include = render_tasks(Path(tmp) / "tasks", data_dir=settings.data_dir, corpus_tasks=built)
-            results, items = lm_eval_tasks(
-                loaded,
-                tokenizer,
-                settings.tasks,
-                include,
-                limit=settings.limit,
-                batch_size=settings.batch_size,
-                questions=settings.questions,
-                seed=settings.seed,
-            )
+    results, items = task_scores(loaded, tokenizer, settings, blocks) if settings.tasks else ({}, {})
     if settings.wikitext:
         results["wikitext2"], items["wikitext2"] = wikitext_perplexity(
             loaded, tokenizer, settings.wikitext, settings.wikitext_tokens, settings.wikitext_block

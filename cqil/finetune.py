@@ -192,24 +192,9 @@ def _mixed_precision(choice: str, on_cpu: bool) -> str:
     return "bf16" if not on_cpu and torch.cuda.is_bf16_supported() else "no"
 
 
-def finetune(
-    model,
-    plan: Plan | Prune,
-    blocks: torch.Tensor,
-    settings: FinetuneSettings,
-    out_dir,
-    eval_blocks: torch.Tensor | None = None,
-    checkpoint_dir=None,
-    device: str = "auto",
-) -> dict:
-    """Fine-tune LoRA adapters for `plan`; writes `out_dir`/adapter (peft format) and losses.csv.
-
-    `blocks` and `eval_blocks` are token ids (B, T) of any integer type, e.g. a memory-mapped split of compact
-    ids (data.open_split): each batch is read and taken as int64 when it is used.
-    Returns the summary: steps, seconds, first and last loss, and held-out divergence before/after.
-    """
-    out_dir = Path(out_dir)
-    checkpoint = Path(checkpoint_dir or out_dir / "checkpoint")
+def training_state(model, plan: Plan | Prune, settings: FinetuneSettings, device: str = "auto"):
+    """The accelerator, the LoRA student (as accelerate wraps it, and unwrapped), its optimizer and scheduler:
+    the plan applied to `model`, only the adapter in the checkpoints."""
     # accelerate puts each process on cuda:LOCAL_RANK, which resolve_device also gives (and checks) unless on the CPU
     on_cpu = resolve_device(device).type == "cpu"
     accelerator = Accelerator(mixed_precision=_mixed_precision(settings.mixed_precision, on_cpu), cpu=on_cpu)
@@ -229,17 +214,63 @@ def finetune(
     accelerator.register_for_checkpointing(scheduler)
     inner = accelerator.unwrap_model(student)
     _checkpoint_the_adapter_only(accelerator, inner)
+    return accelerator, student, inner, optimizer, scheduler
 
-    losses_path = out_dir / "losses.csv"
-    start = 0
+
+def resumed_step(accelerator, checkpoint: Path) -> int:
+    """The step `checkpoint` left off at, its state loaded (0 without one). A run killed while swapping
+    checkpoints resumes from the previous one, which is whole."""
     old = checkpoint.with_name(checkpoint.name + ".old")
     if not (checkpoint / "step.json").exists() and (old / "step.json").exists() and accelerator.is_main_process:
-        os.replace(old, checkpoint)  # killed while swapping checkpoints: the previous one is whole
+        os.replace(old, checkpoint)
     accelerator.wait_for_everyone()
-    if (checkpoint / "step.json").exists():  # resume
-        accelerator.load_state(str(checkpoint))
-        start = json.loads((checkpoint / "step.json").read_text())["step"]
-        accelerator.print(f"resuming from step {start} ({checkpoint})")
+    if not (checkpoint / "step.json").exists():
+        return 0
+    accelerator.load_state(str(checkpoint))
+    start = json.loads((checkpoint / "step.json").read_text())["step"]
+    accelerator.print(f"resuming from step {start} ({checkpoint})")
+    return start
+
+
+def train_step(accelerator, student, inner, optimizer, scheduler, blocks, settings: FinetuneSettings, step) -> float:
+    """One optimizer step over `grad_accum` micro-batches (each rank its share of each); the loss, mean over ranks."""
+    total = 0.0
+    for micro in range(settings.grad_accum):
+        ids = blocks[micro_batch(len(blocks), settings, step, micro)].long()  # from compact ids
+        ids = ids[accelerator.process_index :: accelerator.num_processes].to(accelerator.device)
+        loss = student_loss(inner, ids, settings, forward=student) / settings.grad_accum
+        accelerator.backward(loss)
+        total += loss.item()
+    total = accelerator.reduce(torch.tensor(total, device=accelerator.device), reduction="mean").item()
+    if settings.max_grad_norm:
+        accelerator.clip_grad_norm_(student.parameters(), settings.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad()
+    return total
+
+
+def finetune(
+    model,
+    plan: Plan | Prune,
+    blocks: torch.Tensor,
+    settings: FinetuneSettings,
+    out_dir,
+    eval_blocks: torch.Tensor | None = None,
+    checkpoint_dir=None,
+    device: str = "auto",
+) -> dict:
+    """Fine-tune LoRA adapters for `plan`; writes `out_dir`/adapter (peft format) and losses.csv.
+
+    `blocks` and `eval_blocks` are token ids (B, T) of any integer type, e.g. a memory-mapped split of compact
+    ids (data.open_split): each batch is read and taken as int64 when it is used.
+    Returns the summary: steps, seconds, first and last loss, and held-out divergence before/after.
+    """
+    out_dir = Path(out_dir)
+    checkpoint = Path(checkpoint_dir or out_dir / "checkpoint")
+    accelerator, student, inner, optimizer, scheduler = training_state(model, plan, settings, device)
+    losses_path = out_dir / "losses.csv"
+    start = resumed_step(accelerator, checkpoint)
     before = divergence(inner, eval_blocks) if eval_blocks is not None and start == 0 else None
     rows = _read_losses(losses_path)[:start]
 
@@ -247,19 +278,7 @@ def finetune(
     began = time.perf_counter()
     bar = tqdm(range(start, settings.steps), desc=f"finetune {plan}", disable=not accelerator.is_main_process)
     for step in bar:
-        total = 0.0
-        for micro in range(settings.grad_accum):
-            ids = blocks[micro_batch(len(blocks), settings, step, micro)].long()  # from compact ids
-            ids = ids[accelerator.process_index :: accelerator.num_processes].to(accelerator.device)
-            loss = student_loss(inner, ids, settings, forward=student) / settings.grad_accum
-            accelerator.backward(loss)
-            total += loss.item()
-        total = accelerator.reduce(torch.tensor(total, device=accelerator.device), reduction="mean").item()
-        if settings.max_grad_norm:
-            accelerator.clip_grad_norm_(student.parameters(), settings.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad()
+        total = train_step(accelerator, student, inner, optimizer, scheduler, blocks, settings, step)
         rows.append({"step": step + 1, "loss": total, "lr": scheduler.get_last_lr()[0]})
         bar.set_postfix(loss=f"{total:.4f}")
         if (step + 1) % settings.save_every == 0 or step + 1 == settings.steps:
@@ -270,7 +289,7 @@ def finetune(
     if accelerator.is_main_process:
         _save_adapter(inner, out_dir / "adapter")
     after = divergence(inner, eval_blocks) if eval_blocks is not None else None
-    summary = {
+    return {
         "plan": str(plan),
         "steps": settings.steps,
         "resumed_at": start,
@@ -281,7 +300,6 @@ def finetune(
         "heldout_after": after,
         "settings": asdict(settings),
     }
-    return summary
 
 
 def _read_losses(path: Path) -> list[dict]:

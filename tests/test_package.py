@@ -9,6 +9,7 @@ from pathlib import Path
 from cqil.stages import STAGES
 
 PACKAGE = Path(__file__).resolve().parents[1] / "cqil"
+MODULE_LINES, FUNCTION_LINES = 450, 60  # what a newcomer reads in one go
 
 
 def imports() -> dict[str, set[str]]:
@@ -57,3 +58,18 @@ def test_checking_a_config_starts_without_torch():
     code = "import cqil.config, sys; assert not {'torch', 'transformers'} & set(sys.modules), sorted(sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_no_module_or_function_is_too_long_to_read():
+    """Every module of cqil/ at most MODULE_LINES lines, every function (its def to its last line, docstring
+    included) at most FUNCTION_LINES."""
+    long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        text, name = path.read_text(), path.relative_to(PACKAGE.parent)
+        if (lines := len(text.splitlines())) > MODULE_LINES:
+            long.append(f"{name}: {lines} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                if (lines := node.end_lineno - node.lineno + 1) > FUNCTION_LINES:
+                    long.append(f"{name}:{node.lineno}: {node.name}, {lines} lines")
+    assert not long, "\n".join(long)
