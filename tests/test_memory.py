@@ -1,4 +1,4 @@
-"""The memory estimate per job (cqil/memory.py), its check before any job, and `cqil cost`."""
+"""The memory estimate per job (cqil/memory.py), its check before any job, and `cqil cost` (cqil/cost.py)."""
 
 import copy
 import subprocess
