@@ -147,8 +147,9 @@ def claims_figure(runs: dict[str, dict], table: pd.DataFrame, path) -> None:
 
 
 def run_claims(*, folders, out, figure=None, bootstrap: int = 2000, seed: int = 0, level: float = 0.95) -> None:
-    """The paper's claims on several models side by side, from each model's results folder (a run with the
-    baselines on): one table (CSV; Markdown with each model's similarity and sensitivity summary) and one figure."""
+    """The stage: the paper's claims on several models side by side, from each model's results folder (a run with
+    the baselines on): one table (CSV; Markdown with each model's similarity and sensitivity summary) and one
+    figure."""
     settings = QualitySettings(bootstrap, seed, level)
     runs = {Path(folder).name: read_run(Path(folder)) for folder in folders}
     table = pd.DataFrame([row for name, run in runs.items() for row in claim_rows(name, run, settings)])

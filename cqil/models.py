@@ -177,7 +177,7 @@ def _unpack(source: EmbeddedModel, folder: Path) -> tuple[Path, Path | None]:
 
 
 def prepare_embedded(name: str) -> Path:
-    """The embedded model `name` as a safetensors directory, built once (20-60 s) and then reused."""
+    """The embedded model `name` as a safetensors directory, built once (its time: docs/claims.md), then reused."""
     source = EMBEDDED[name]
     target = resources_dir() / "models" / name
     target.parent.mkdir(parents=True, exist_ok=True)
