@@ -66,12 +66,13 @@ def average_against(run: dict, a: str, b: str, settings: QualitySettings) -> dic
 
 
 def claim_rows(name: str, run: dict, settings: QualitySettings) -> list[dict]:
-    """One row per selected plan, stage and method (CQIL itself first, then its matched baselines)."""
+    """One row per selected plan that baselines were matched to, stage and method (CQIL itself first, then its
+    baselines)."""
     levels = run["comparison"].set_index(["variant", "stage"])
     columns = ["depth", "gpus", "heldout_kl", "wikitext2_ppl", "wikitext2_low", "wikitext2_high"]
     columns += ["average_diff", "average_low", "average_high", "average_distinguishable"]
     rows = []
-    for plan in run["selected"]:
+    for plan in [plan for plan in run["selected"] if any(b["plan"] == plan for b in run["baselines"])]:
         matched = [(b["rule"], b["variant"]) for b in run["baselines"] if b["plan"] == plan]
         for stage, suffix in STAGES.items():
             for rule, variant in [("cqil", plan), *matched]:

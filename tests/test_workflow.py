@@ -328,7 +328,7 @@ def test_real_run_on_the_default_model(tmp_path):
     figure = claims.with_suffix(".png")
     subprocess.run(["cqil", "claims", str(out), "--out", str(claims), "--figure", str(figure)], check=True)
     table = pd.read_csv(claims)
-    assert len(table) == 2 * (len(selected) + 3) and set(table.method) == set(comparison.method)
+    assert len(table) == 2 * 4 and set(table.plan) == {plan} and set(table.method) == set(comparison.method)
     assert table[table.method == "CQIL"].vs_cqil_diff.isna().all()
     models = pd.read_csv(claims.with_name("claims_models.csv"))
     assert models.layers.tolist() == [30] and len(models.least_sensitive_layers[0].split()) == 3
