@@ -300,10 +300,10 @@ def wikitext_perplexity(model, tokenizer, path, tokens: int, block: int) -> tupl
 
 def task_scores(model, tokenizer, settings: EvaluateSettings, blocks=None) -> tuple[dict, dict]:
     """lm-eval's results and every question's score on the settings' tasks: our task files rendered for the
-    settings' data, with the corpus tasks built from `blocks` (the corpus's test blocks) where asked for."""
+    settings' data, with the corpus tasks built from `blocks` (the corpus's test blocks; None: none asked for)."""
     with tempfile.TemporaryDirectory() as tmp:
         built = None
-        if any(task in CORPUS_TASKS for task in settings.tasks):
+        if blocks is not None:
             built = build_corpus_tasks(blocks, tokenizer, Path(tmp) / "corpus", settings.cloze_choices)
         include = render_tasks(Path(tmp) / "tasks", data_dir=settings.data_dir, corpus_tasks=built)
         return lm_eval_tasks(

@@ -69,9 +69,9 @@ def track_record(settings: TrackSettings, *, history, run_dir=None, logs=None, c
 
 def track_trends(settings: TrackSettings, *, history, out_dir=None) -> int:
     """`trends`: the newest record as github-action-benchmark's files, one per direction, in `out_dir`."""
-    records = readable(history)
     if not out_dir:
         raise CqilError("track trends: needs --out-dir")
+    records = readable(history)
     for tool, entries in benchmark_json(records[-1], settings).items():
         with atomic(Path(out_dir) / f"{tool}.json") as tmp:
             tmp.write_text(json.dumps(entries, indent=1) + "\n")
