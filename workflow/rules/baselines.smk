@@ -11,6 +11,7 @@ checkpoint baselines:
         log_path("baselines"),
     benchmark:
         log_path("baselines", "benchmark.tsv")
+    priority: 1  # seconds of work that unlock the baselines' fine-tunings (see rule finetune)
     threads: res("baselines", "threads")
     resources:
         **job_resources("baselines"),

@@ -14,6 +14,8 @@ rule finetune:
         log_path("finetune", job="{model}/{plan}"),
     benchmark:
         log_path("finetune", "benchmark.tsv", job="{model}/{plan}")
+    # Before the evaluations: each fine-tuning unlocks one, so started late they end a run on one busy core.
+    priority: 1
     threads: res("finetune", "threads")
     resources:
         **job_resources("finetune"),
