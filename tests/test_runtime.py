@@ -114,18 +114,21 @@ def test_compiled_engines_match_their_eager_reference(tiny_dirs, tmp_path, args)
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity API here")
 def test_pin_gives_each_rank_its_own_cores():
-    allowed = os.sched_getaffinity(0)
+    allowed, pool = os.sched_getaffinity(0), torch.get_num_threads()
     cores = sorted(allowed)
     try:
         for rank in range(2):
+            torch.set_num_threads(len(cores))  # as OMP_NUM_THREADS from a job of several threads leaves it
             expected = cores[rank : rank + 1] if len(cores) >= 2 else None
             assert pin(Ranks(rank, 2, torch.device("cpu")), threads=1) == expected
             assert os.sched_getaffinity(0) == set(expected or allowed)
+            assert torch.get_num_threads() == (1 if expected else len(cores))  # a pool the size of its cores
             bind(allowed)  # each rank is its own process, starting from the job's cores
         assert pin(Ranks(0, 2, torch.device("cpu")), threads=len(cores)) is None  # too few cores: left alone
         assert pin(Ranks(0, 1, torch.device("cpu")), threads=1) is None  # one rank: nothing to split
     finally:
         bind(allowed)
+        torch.set_num_threads(pool)
 
 
 def test_pruned_model_runs_on_one_rank_beside_the_original(tiny_dirs, tmp_path):

@@ -118,7 +118,8 @@ def job_cores() -> list[int]:
 
 
 def pin(ranks: Ranks, threads: int) -> list[int] | None:
-    """On CPU, bind rank r to its own `threads` cores among those this job may use (as MPI's `--bind-to core`).
+    """On CPU, bind rank r to its own `threads` cores among those this job may use (as MPI's `--bind-to core`), and
+    size its intra-op thread pool to them.
 
     Unbound ranks get moved between cores and share them with the launcher; what binding buys is measured
     in docs/latency.md (*Measured on 2 CPU cores*). Returns the cores, or None where the ranks are on GPUs, there is
@@ -131,6 +132,9 @@ def pin(ranks: Ranks, threads: int) -> list[int] | None:
         return None
     mine = cores[ranks.rank * threads : (ranks.rank + 1) * threads]
     bind(mine)
+    # A pool larger than its cores spins its OpenMP threads against each other: a job that Snakemake gives 2 threads
+    # starts each rank with OMP_NUM_THREADS=2, and loading and checking the engine then took twice as long.
+    torch.set_num_threads(threads)
     return mine
 
 
