@@ -231,11 +231,15 @@ def test_lint():
 
 @pytest.mark.slow
 def test_real_run_on_the_default_model(tmp_path):
-    """The whole DAG on SmolLM2-135M with small settings; then nothing to redo; then only what a change touches.
+    """The whole DAG on SmolLM2-135M with small settings and the baselines overlay; then nothing to redo; then only
+    what a change touches.
 
-    It runs in a copy of the checkout (results/, resources/, logs/ and the history are written there)."""
+    It runs in a copy of the checkout (results/, resources/, logs/ and the history are written there). One pruning
+    rule: a second rule's variant takes the same path through the DAG (tests/test_baselines.py runs both)."""
     repo = checkout_copy(tmp_path / "repo")
-    small = ["--configfile", "tests/data/small.yaml", "--config", "run=pytest"]
+    (tmp_path / "one_rule.yaml").write_text("baselines:\n  rules: [block_influence]\n")
+    overlay = ["config/baselines.yaml", str(tmp_path / "one_rule.yaml")]
+    small = ["--configfile", "tests/data/small.yaml", *overlay, "--config", "run=pytest"]
 
     def run(*args, **kwargs):
         return snakemake(*args, cwd=repo, **kwargs)
@@ -244,11 +248,13 @@ def test_real_run_on_the_default_model(tmp_path):
     out = repo / "results" / "pytest" / "smollm2-135m"
     search = pd.read_csv(out / "search.csv")
     assert {"plan", "size", "bypass", "ideal_reduction", "perplexity", "kl", "top1", "ppl_ratio"} <= set(search.columns)
-    assert len(search) == 1 + 6  # the original and the grid S16/S18 x E28 x P2/P4 x D0/D1, P4 only from S16
+    assert len(search) == 1 + 4  # the original and the grid S16/S18 x E28 x P2 x D0/D1
     assert (search.loc[search.plan != "original", "kl"] > 0).all()
     similarity = pd.read_csv(out / "similarity.csv")
     assert len(similarity) == 30 * 30 and similarity.cosine.max() <= 1 + 1e-9
     selected = json.loads((out / "selected.json").read_text())["plans"]
+    assert len(selected) == 1  # the best P2 plan: the baselines match it
+    plan = selected[0]
     scores = pd.read_csv(out / "selected_scores.csv")
     assert scores.plan.tolist() == ["original", *selected]
     for name in ("similarity_heatmap", "similarity_adjacent", "sensitivity", "frontier"):
@@ -256,22 +262,12 @@ def test_real_run_on_the_default_model(tmp_path):
     finetuned = pd.read_csv(out / "finetuned.csv")
     assert finetuned.plan.tolist() == selected and (finetuned.steps == 3).all()
     assert (finetuned.kl_before > 0).all() and finetuned.kl_after.notna().all()
-    for plan in selected:
-        assert (out / "plans" / plan / "loss.png").exists()
-        assert (
-            repo
-            / "resources"
-            / "pytest"
-            / "smollm2-135m"
-            / "plans"
-            / plan
-            / "finetune"
-            / "adapter"
-            / "adapter_model.safetensors"
-        ).exists()
+    assert (out / "plans" / plan / "loss.png").exists()
+    adapter = repo / "resources" / "pytest" / "smollm2-135m" / "plans" / plan / "finetune" / "adapter"
+    assert (adapter / "adapter_model.safetensors").exists()
     quality = pd.read_csv(out / "quality.csv")
     variants = set(zip(quality.plan, quality.stage))
-    assert variants == {("original", "original")} | {(p, s) for p in selected for s in ("zeroshot", "finetuned")}
+    assert variants == {("original", "original"), (plan, "zeroshot"), (plan, "finetuned")}
     tasks = {"arc_easy_local", "arc_challenge_local", "piqa_local", "winogrande_local", "openbookqa_local", "wikitext2"}
     assert set(quality.task) == {"heldout"} | tasks and (out / "quality.md").exists()
     assert quality[quality.task == "arc_easy_local"].n.eq(24).all()  # the seeded subset of tests/data/small.yaml
@@ -280,10 +276,12 @@ def test_real_run_on_the_default_model(tmp_path):
     assert tasks <= set(differences.task) and (differences.low <= differences["diff"]).all()
     assert (out / "figures" / "quality_tradeoff.png").stat().st_size > 10_000
     heldout = quality[(quality.task == "heldout") & (quality.metric == "kl")].set_index(["plan", "stage"]).value
-    assert heldout[("original", "original")] == 0 and len(heldout) == 1 + 2 * len(selected)
-    for model, setups in (("smollm2-135m", 2), ("llama-135m", 3)):  # original, cqil (and tp where heads divide)
+    assert heldout[("original", "original")] == 0 and len(heldout) == 3
+    # the original at 1 and 2 threads; SmolLM2: cqil S16-E28-P2-D0 (latency_setups) and the compared variants (the
+    # selected plan, its LP, its pruned model); the random llama-135m: cqil S16-E28-P2-D0 and tp (its heads divide)
+    for model, setups in (("smollm2-135m", 4 + len({"S16-E28-P2-D0", plan})), ("llama-135m", 4)):
         latency = pd.read_csv(repo / "results" / "pytest" / model / "latency.csv")
-        assert latency.setup.nunique() == setups + 1  # the original at 1 and 2 threads
+        assert latency.setup.nunique() == setups
         assert (latency.check_max_abs_diff.dropna() < 1e-4).all() and latency.check_max_abs_diff.notna().any()
         assert (repo / "results" / "pytest" / model / "figures" / "latency.png").stat().st_size > 10_000
     history = [json.loads(line) for line in (repo / "results" / "history.jsonl").read_text().splitlines()]
@@ -291,25 +289,9 @@ def test_real_run_on_the_default_model(tmp_path):
     validation = pd.read_csv(repo / "results" / "pytest" / "simulation" / "validation.csv")
     assert set(validation.model) == {"smollm2-135m", "random:llama-135m"} and validation.error.notna().all()
     provenance = json.loads((out / "search.json").read_text())["provenance"]
-    assert provenance["settings"]["settings"]["sizes"] == [2, 4] and provenance["git"]
+    assert provenance["settings"]["settings"]["sizes"] == [2] and provenance["git"]
 
-    # the HTML report: every figure and table with its caption, one self-contained page that a browser renders
-    report = tmp_path / "report.html"
-    run(*small, "--report", str(report))
-    html = report.read_text()
-    assert report.stat().st_size > 200_000 and "CQIL (Concurrent Computation of Quasi-Independent Layers" in html
-    for caption in ("Mean cosine similarity of the inputs", "analytic model fitted on this machine", "official value"):
-        assert caption in html, caption
-
-    again = run(*small, "-n")
-    assert "Nothing to be done" in again.stdout + again.stderr, again.stdout + again.stderr
-
-    # The baselines overlay on the same run, matched to its P2 plan: pruning and LP through the same stages. One
-    # pruning rule: a second one's variant takes the same path through the DAG (tests/test_baselines.py runs both).
-    plan = next(name for name in selected if "-P2-" in name)
-    (tmp_path / "match.yaml").write_text(f"baselines:\n  match: [{plan}]\n  rules: [block_influence]\n")
-    overlay = ["--configfile", "tests/data/small.yaml", "config/baselines.yaml", str(tmp_path / "match.yaml")]
-    run(*overlay, "--config", "run=pytest")
+    # The baselines, matched to the selected plan: pruning and LP through the same stages
     baselines = json.loads((out / "baselines.json").read_text())
     assert {row["rule"] for row in baselines["baselines"]} == {"block_influence", "lp"}
     assert len(baselines["evidence"]["block_influence"]) == 30
@@ -332,6 +314,18 @@ def test_real_run_on_the_default_model(tmp_path):
     models = pd.read_csv(claims.with_name("claims_models.csv"))
     assert models.layers.tolist() == [30] and len(models.least_sensitive_layers[0].split()) == 3
     assert figure.stat().st_size > 10_000
+
+    # the HTML report: every figure and table with its caption, one self-contained page that a browser renders
+    report = tmp_path / "report.html"
+    run(*small, "--report", str(report))
+    html = report.read_text()
+    assert report.stat().st_size > 200_000 and "CQIL (Concurrent Computation of Quasi-Independent Layers" in html
+    for caption in ("Mean cosine similarity of the inputs", "analytic model fitted on this machine", "official value"):
+        assert caption in html, caption
+
+    again = run(*small, "-n")
+    assert "Nothing to be done" in again.stdout + again.stderr, again.stdout + again.stderr
+
     changed = jobs(run(*small, "select={'metric': 'top1'}", "-n").stdout)
     assert "search" not in changed and "corpus" not in changed and changed["select"] == 1
     # a fine-tuning job with several GPUs is launched by torchrun, a process per GPU
