@@ -233,6 +233,7 @@ def engine_worker(rank: int, world: int, port: int, results):
     from cqil.runtime import cqil as cqil_engine
     from cqil.runtime import tp
 
+    torch.set_num_threads(1)  # one core per rank: two pools of 2 threads on 2 cores would spin against each other
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     ids = ids_batch(length=9)

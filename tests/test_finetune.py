@@ -203,7 +203,8 @@ def test_resume_after_a_kill_reaches_the_same_adapter(tiny_dir, tmp_path):
         {"finetune": torch.randint(3, 96, (12, 16), generator=torch.Generator().manual_seed(1)), "test": IDS},
         tmp_path / "corpus.pt",
     )
-    settings = json.dumps({"steps": 400, "batch_size": 2, "save_every": 5, "lora_r": 4, "lr": 1e-3})
+    steps = 120  # the kill comes at the first checkpoint (step 5), long before the last step
+    settings = json.dumps({"steps": steps, "batch_size": 2, "save_every": 5, "lora_r": 4, "lr": 1e-3})
 
     def command(name):
         return [
@@ -238,14 +239,14 @@ def test_resume_after_a_kill_reaches_the_same_adapter(tiny_dir, tmp_path):
     assert not (tmp_path / "killed" / "adapter").exists(), "the run finished before it could be killed"
     subprocess.run(command("killed"), check=True, capture_output=True)
     summary = json.loads((tmp_path / "killed.json").read_text())
-    assert 0 < summary["resumed_at"] < 400
+    assert 0 < summary["resumed_at"] < steps
     straight = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
     resumed = load_file(tmp_path / "killed" / "adapter" / "adapter_model.safetensors")
     assert straight.keys() == resumed.keys()
     for name in straight:
         torch.testing.assert_close(resumed[name], straight[name], rtol=1e-5, atol=1e-6)
     losses = (tmp_path / "killed" / "losses.csv").read_text().splitlines()
-    assert len(losses) == 401 and losses == (tmp_path / "straight" / "losses.csv").read_text().splitlines()
+    assert len(losses) == steps + 1 and losses == (tmp_path / "straight" / "losses.csv").read_text().splitlines()
     # The checkpoint holds the adapter, AdamW's two moments of it, the scheduler and the RNG state, not the model.
     checkpoint = tmp_path / "killed" / "checkpoint"
     sizes = {path.name: path.stat().st_size for path in checkpoint.iterdir()}
