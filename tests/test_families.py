@@ -230,10 +230,10 @@ def engine_worker(rank: int, world: int, port: int, results):
 
     import torch.distributed as dist
 
+    from cqil.runtime import Ranks, pin, tp
     from cqil.runtime import cqil as cqil_engine
-    from cqil.runtime import tp
 
-    torch.set_num_threads(1)  # one core per rank: two pools of 2 threads on 2 cores would spin against each other
+    pin(Ranks(rank, world, torch.device("cpu")), threads=1)  # a core and a 1-thread pool per rank, as `cqil latency`
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     ids = ids_batch(length=9)
