@@ -169,7 +169,7 @@ def test_lora_and_save_load_keep_the_plan(family, tmp_path):
     tiny_tokenizer().save_pretrained(tmp_path / "model")
     restored, _ = load_model(str(tmp_path / "model"), dtype="float64")
     assert restored.config.cqil_plan == str(plan)
-    with torch.no_grad():  # float64 round-off: a reloaded weight may take another BLAS path (AMD EPYC: 8e-17)
+    with torch.no_grad():  # float64 round-off: a reloaded weight may take another BLAS path (docs/development.md)
         torch.testing.assert_close(restored(input_ids=ids).logits, merged(input_ids=ids).logits, rtol=0, atol=1e-12)
 
 
